@@ -1,0 +1,1 @@
+"""Benchmarks that print tables: every ratio is measured side by side in one run."""

@@ -1,0 +1,220 @@
+"""``iunet3d bench memory``: the paper's memory table, conventional vs reversible, side by side.
+
+Every (depth, mode) case runs in fresh subprocesses so that no allocator state leaks between cases:
+one measures memory, one time. CPU memory: peak RSS above the built-model baseline, with glibc's
+``MALLOC_MMAP_THRESHOLD_=65536`` so that freed tensors go back to the OS and RSS tracks live tensors.
+That setting makes every large allocation a fresh mmap (page faults on each use), which slows the
+recomputing reversible step far more than the conventional one, so step time is measured in its own
+process with the default allocator, as training runs. CUDA memory: ``torch.cuda.max_memory_allocated``
+above the baseline. Depth = coupling layers per branch, spread evenly over the levels.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+
+MODES = ("conventional", "reversible")
+
+
+@dataclass
+class CaseResult:
+    depth: int
+    mode: str
+    architecture: list[int]
+    peak_mb: float
+    step_s: float
+    reconstruction_error: float | None
+
+
+def spread_depth(depth: int, levels: int) -> list[int]:
+    """Couplings per level summing to ``depth``, as even as possible (extra ones at the top)."""
+    if depth < levels:
+        raise ValueError(f"depth={depth} must be >= levels={levels} (every level needs a coupling)")
+    return [depth // levels + (1 if i < depth % levels else 0) for i in range(levels)]
+
+
+def _rss_mb(field: str) -> float:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024
+    raise RuntimeError(f"{field} not found in /proc/self/status")
+
+
+def _reset_peak_rss() -> None:
+    with open("/proc/self/clear_refs", "w") as clear_refs:
+        clear_refs.write("5")  # resets VmHWM to the current RSS
+
+
+def _randomise(model) -> None:
+    """Weights as after training: default-initialised convolutions, rotated orthogonal kernels."""
+    import torch
+
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, torch.nn.modules.conv._ConvNd):
+                module.reset_parameters()
+        for name, parameter in model.named_parameters():
+            if name.endswith("matrices.weight"):
+                parameter.normal_(0, 0.05)
+
+
+def measure_case(
+    depth: int, mode: str, measure: str, channels: int, levels: int, size: int, device: str, steps: int
+) -> CaseResult:
+    """Build one model and run one warm-up training step, then either one step measuring peak
+    memory (``measure="memory"``) or ``steps`` timed steps (``measure="time"``, median)."""
+    import gc
+
+    import torch
+
+    from iunet3d import iUNet
+
+    torch.manual_seed(0)
+    architecture = spread_depth(depth, levels)
+    model = iUNet(channels, architecture, dim=3, disable_custom_gradient=(mode == "conventional")).to(device)
+    _randomise(model)
+    x = torch.randn(1, channels, size, size, size, device=device)
+    cuda = device.startswith("cuda")
+
+    def step() -> float:
+        model.zero_grad(set_to_none=True)
+        if cuda:
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        model(x).square().mean().backward()
+        if cuda:
+            torch.cuda.synchronize()
+        return time.perf_counter() - start
+
+    step()  # warm-up: allocator, oneDNN primitives
+    peak_mb, step_s, error = float("nan"), float("nan"), None
+    if measure == "memory":
+        model.zero_grad(set_to_none=True)
+        gc.collect()
+        if cuda:
+            baseline = torch.cuda.memory_allocated()
+            torch.cuda.reset_peak_memory_stats()
+            step()
+            peak_mb = (torch.cuda.max_memory_allocated() - baseline) / 2**20
+        else:
+            baseline = _rss_mb("VmRSS")
+            _reset_peak_rss()
+            step()
+            peak_mb = _rss_mb("VmHWM") - baseline
+    else:
+        step_s = statistics.median(step() for _ in range(steps))
+        if mode == "reversible":
+            with torch.no_grad():
+                error = float((model.inverse(model(x)) - x).norm() / x.norm())
+    return CaseResult(depth, mode, architecture, round(peak_mb, 2), step_s, error)
+
+
+def _run_case_subprocess(args: argparse.Namespace, depth: int, mode: str) -> CaseResult:
+    """Memory in one fresh process (RSS-tracking allocator), time in another (default allocator)."""
+    results = {}
+    for measure in ("memory", "time"):
+        env = dict(os.environ, PYTHONWARNINGS="ignore")
+        if measure == "memory":
+            env["MALLOC_MMAP_THRESHOLD_"] = "65536"
+        command = [
+            sys.executable, "-m", "iunet3d.bench.memory", "--worker", "--measure", measure,
+            "--depth", str(depth), "--mode", mode, "--channels", str(args.channels), "--levels", str(args.levels),
+            "--size", str(args.size), "--device", args.device, "--steps", str(args.steps),
+        ]  # fmt: skip
+        completed = subprocess.run(command, env=env, capture_output=True, text=True)
+        if completed.returncode != 0:
+            raise RuntimeError(f"benchmark case depth={depth} mode={mode} failed:\n{completed.stderr[-3000:]}")
+        results[measure] = CaseResult(**json.loads(completed.stdout.strip().splitlines()[-1]))
+    memory, timing = results["memory"], results["time"]
+    return CaseResult(depth, mode, memory.architecture, memory.peak_mb, timing.step_s, timing.reconstruction_error)
+
+
+def format_table(results: list[CaseResult], header: str) -> str:
+    """A Markdown table: one row per depth, conventional and reversible side by side."""
+    by_key = {(r.depth, r.mode): r for r in results}
+    depths = sorted({r.depth for r in results})
+    lines = [
+        header,
+        "",
+        "| depth | architecture | conventional MB | reversible MB | memory ratio | conventional s/step "
+        "| reversible s/step | time ratio | fp32 reconstruction error |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for depth in depths:
+        conv, rev = by_key[(depth, "conventional")], by_key[(depth, "reversible")]
+        lines.append(
+            f"| {depth} | {rev.architecture} | {conv.peak_mb:.0f} | {rev.peak_mb:.0f} "
+            f"| {100 * rev.peak_mb / conv.peak_mb:.1f}% | {conv.step_s:.2f} | {rev.step_s:.2f} "
+            f"| {rev.step_s / conv.step_s:.2f}x | {rev.reconstruction_error:.1e} |"
+        )
+    if len(depths) > 1:
+        first, last = by_key[(depths[0], "reversible")], by_key[(depths[-1], "reversible")]
+        growth = (last.peak_mb - first.peak_mb) / (depths[-1] - depths[0])
+        lines += ["", f"reversible peak growth: {growth:.2f} MB per added coupling layer per branch "
+                      f"(depth {depths[0]} -> {depths[-1]})"]  # fmt: skip
+    return "\n".join(lines)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Entry point of ``iunet3d bench memory``."""
+    import torch
+
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise SystemExit("bench memory: --device cuda requested but torch.cuda.is_available() is False")
+    device_name = torch.cuda.get_device_name(args.device) if args.device.startswith("cuda") else "CPU"
+    header = (
+        f"iUNet memory benchmark: device={args.device} ({device_name}), float32, input 1x{args.channels}x"
+        f"{args.size}^3, {args.levels} levels, stride 2, one forward+backward per step "
+        f"(time: median of {args.steps}), torch {torch.__version__}, {torch.get_num_threads()} threads; "
+        + ("peak = torch.cuda.max_memory_allocated above baseline" if args.device.startswith("cuda")
+           else "peak = RSS high-water mark above the built-model baseline, MALLOC_MMAP_THRESHOLD_=65536; "
+                "step time in a separate process with the default allocator")
+    )  # fmt: skip
+    results = []
+    for depth in args.depths:
+        for mode in MODES:
+            result = _run_case_subprocess(args, depth, mode)
+            results.append(result)
+            print(f"  measured depth={depth:>3} {mode:<12} peak={result.peak_mb:9.1f} MB "
+                  f"step={result.step_s:6.2f} s", file=sys.stderr, flush=True)  # fmt: skip
+    if args.json:
+        print(json.dumps({"header": header, "cases": [asdict(r) for r in results]}))
+    else:
+        print(format_table(results, header))
+    return 0
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--depths", type=int, nargs="+", default=[5, 10, 20, 30], help="couplings per branch")
+    parser.add_argument("--channels", type=int, default=16, help="iUNet in_channels (default 16)")
+    parser.add_argument("--levels", type=int, default=3, help="resolution levels (default 3)")
+    parser.add_argument("--size", type=int, default=64, help="input edge length: 1 x C x size^3 (default 64)")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
+    parser.add_argument("--steps", type=int, default=3, help="measured steps per case (median time)")
+    parser.add_argument("--json", action="store_true", help="print one JSON line instead of the table")
+
+
+def _worker_main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--worker", action="store_true")
+    parser.add_argument("--depth", type=int, required=True)
+    parser.add_argument("--mode", choices=MODES, required=True)
+    parser.add_argument("--measure", choices=("memory", "time"), required=True)
+    add_arguments(parser)
+    args = parser.parse_args()
+    result = measure_case(
+        args.depth, args.mode, args.measure, args.channels, args.levels, args.size, args.device, args.steps
+    )
+    print(json.dumps(asdict(result)))
+
+
+if __name__ == "__main__":
+    _worker_main()

@@ -1,0 +1,123 @@
+"""Additive coupling layers and the standard coupling function (conv-norm-activation stack)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+NORMS = ("group", "instance", "batch", None)
+_CONV = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
+_INSTANCE_NORM = {1: nn.InstanceNorm1d, 2: nn.InstanceNorm2d, 3: nn.InstanceNorm3d}
+_BATCH_NORM = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}
+
+
+def _group_count(channels: int, max_groups: int) -> int:
+    """The largest divisor of ``channels`` that is at most ``max_groups``."""
+    return max(g for g in range(1, min(channels, max_groups) + 1) if channels % g == 0)
+
+
+def make_norm(norm: str | None, channels: int, dim: int, num_groups: int = 8) -> nn.Module:
+    """A normalisation layer. BatchNorm is allowed but not the default: in a reversible block its
+    running statistics are updated three times per step (hazards.md)."""
+    if norm == "group":
+        return nn.GroupNorm(_group_count(channels, num_groups), channels)
+    if norm == "instance":
+        return _INSTANCE_NORM[dim](channels, affine=True)
+    if norm == "batch":
+        return _BATCH_NORM[dim](channels)
+    if norm is None or norm == "none":
+        return nn.Identity()
+    raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
+
+
+class StandardBlock(nn.Sequential):
+    """The coupling function: ``block_depth`` convolutions, norm + LeakyReLU between them.
+
+    (B, in_channels, *S) -> (B, out_channels, *S). With ``zero_init`` the last convolution starts at
+    zero, so the coupling it sits in starts as the identity.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        in_channels: int,
+        out_channels: int,
+        block_depth: int = 2,
+        kernel_size: int = 3,
+        norm: str | None = "group",
+        num_groups: int = 8,
+        zero_init: bool = True,
+    ):
+        if block_depth < 1:
+            raise ValueError(f"block_depth must be >= 1, got {block_depth}")
+        if kernel_size % 2 != 1:
+            raise ValueError(f"kernel_size must be odd (same-size output), got {kernel_size}")
+        layers: list[nn.Module] = []
+        channels = in_channels
+        for _ in range(block_depth - 1):
+            layers += [
+                _CONV[dim](channels, out_channels, kernel_size, padding=kernel_size // 2, bias=False),
+                make_norm(norm, out_channels, dim, num_groups),
+                nn.LeakyReLU(0.01),
+            ]
+            channels = out_channels
+        last = _CONV[dim](channels, out_channels, kernel_size, padding=kernel_size // 2)
+        if zero_init:
+            nn.init.zeros_(last.weight)
+            nn.init.zeros_(last.bias)
+        layers.append(last)
+        super().__init__(*layers)
+
+
+class AdditiveCoupling(nn.Module):
+    """Additive coupling on a channel split at ``split_position``. x, y: (B, C, *S).
+
+    ``x = (a, b)``; if ``update_second``: ``y = (a, b + F(a))``, else ``y = (a + F(b), b)``.
+    The output is a new tensor (never a view of the input), as reversible wrappers require.
+    """
+
+    def __init__(self, function: nn.Module, split_position: int, update_second: bool = True):
+        super().__init__()
+        self.function = function
+        self.split_position = split_position
+        self.update_second = update_second
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a, b = x[:, : self.split_position], x[:, self.split_position :]
+        if self.update_second:
+            return torch.cat([a, b + self.function(a)], dim=1)
+        return torch.cat([a + self.function(b), b], dim=1)
+
+    def inverse(self, y: torch.Tensor) -> torch.Tensor:
+        a, b = y[:, : self.split_position], y[:, self.split_position :]
+        if self.update_second:
+            return torch.cat([a, b - self.function(a)], dim=1)
+        return torch.cat([a - self.function(b), b], dim=1)
+
+
+def create_standard_module(
+    in_channels: int,
+    *,
+    dim: int = 2,
+    module_index: int = 0,
+    block_depth: int = 2,
+    kernel_size: int = 3,
+    norm: str | None = "group",
+    num_groups: int = 8,
+    zero_init: bool = True,
+) -> AdditiveCoupling:
+    """The default invertible layer of an iUNet: an additive coupling around a ``StandardBlock``.
+
+    The iUNet calls ``create_module_fn(channels, dim=dim, module_index=j, **module_kwargs)``. The
+    half that is updated alternates with ``module_index`` so that, with an odd channel count, both
+    halves are updated by consecutive layers.
+    """
+    if in_channels < 2:
+        raise ValueError(f"an additive coupling needs at least 2 channels to split, got {in_channels}")
+    split_position = in_channels // 2
+    update_second = module_index % 2 == 0
+    function_in, function_out = split_position, in_channels - split_position
+    if not update_second:
+        function_in, function_out = function_out, function_in
+    block = StandardBlock(dim, function_in, function_out, block_depth, kernel_size, norm, num_groups, zero_init)
+    return AdditiveCoupling(block, split_position, update_second)

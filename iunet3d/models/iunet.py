@@ -1,0 +1,259 @@
+"""The fully invertible U-Net (iUNet), with the original library's constructor API."""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import nn
+
+from iunet3d.models.channel_mixing import InvertibleChannelMixing
+from iunet3d.models.coupling import create_standard_module
+from iunet3d.models.layout import ChannelPlan, format_layout, normalise_architecture, normalise_strides, plan_channels
+from iunet3d.models.level_transitions import SplitAndDownsample, UpsampleAndMerge
+from iunet3d.models.orthogonal import ORTHOGONAL_METHODS
+from iunet3d.models.padding import PADDING_MODES, crop_padding, pad_to_multiple
+from iunet3d.models.resampling import RESAMPLING_INITS, InvertibleDownsampling, InvertibleUpsampling
+from iunet3d.models.reversible import reversible
+
+
+def _choice(name: str, value, allowed: Sequence) -> None:
+    if value not in allowed:
+        raise ValueError(f"{name} must be one of {tuple(allowed)}, got {value!r}")
+
+
+class iUNet(nn.Module):
+    """Fully invertible U-Net: x (B, C, *S) -> y (B, C, *S), len(S) == dim, C == in_channels.
+
+    Level ``i`` applies ``architecture[i]`` invertible layers (additive couplings by default) on the
+    way down and as many on the way up. Between levels, ``skipped_channels[i]`` channels are kept
+    for the skip connection and the rest are downsampled by a learnable orthogonal kernel with
+    ``resampling_stride[i]``; upsampling and concatenation mirror this. Every part is wrapped for
+    reversible backprop (memcnn), so training memory does not grow with depth.
+
+    Spatial sizes that are not multiples of ``downsampling_factors`` are padded (``padding_mode``,
+    ``padding_value``) and, with ``revert_input_padding``, cropped back.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        architecture: Sequence[int],
+        dim: int,
+        create_module_fn: Callable[..., nn.Module] = create_standard_module,
+        module_kwargs: dict | None = None,
+        slice_mode: str = "double",
+        learnable_resampling: bool = True,
+        resampling_stride=2,
+        resampling_method: str = "cayley",
+        resampling_init: str | torch.Tensor = "haar",
+        resampling_kwargs: dict | None = None,
+        learnable_channel_mixing: bool = True,
+        channel_mixing_freq: int = -1,
+        channel_mixing_method: str = "cayley",
+        channel_mixing_kwargs: dict | None = None,
+        padding_mode: str | None = "constant",
+        padding_value: float = 0,
+        revert_input_padding: bool = True,
+        disable_custom_gradient: bool = False,
+        verbose: int = 1,
+    ):
+        super().__init__()
+        if dim not in (1, 2, 3):
+            raise ValueError(f"dim must be 1, 2 or 3, got {dim!r}")
+        if not isinstance(in_channels, int) or in_channels < 1:
+            raise ValueError(f"in_channels must be a positive int, got {in_channels!r}")
+        if not isinstance(channel_mixing_freq, int) or channel_mixing_freq < -1:
+            raise ValueError(f"channel_mixing_freq must be -1, 0 or a positive int, got {channel_mixing_freq!r}")
+        _choice("resampling_method", resampling_method, ORTHOGONAL_METHODS)
+        _choice("channel_mixing_method", channel_mixing_method, ORTHOGONAL_METHODS)
+        _choice("padding_mode", padding_mode, PADDING_MODES)
+        if not isinstance(resampling_init, torch.Tensor):
+            _choice("resampling_init", resampling_init, RESAMPLING_INITS)
+
+        self.in_channels = in_channels
+        self.architecture = normalise_architecture(architecture)
+        self.dim = dim
+        self.num_levels = len(self.architecture)
+        self.slice_mode = slice_mode
+        self.resampling_stride = normalise_strides(resampling_stride, dim, self.num_levels)
+        plan = plan_channels(in_channels, self.resampling_stride, slice_mode)
+        if min(plan.channels) < 2:
+            raise ValueError(f"in_channels={in_channels} is too few: every level needs >= 2 channels to split")
+        self.channels = list(plan.channels)
+        self.skipped_channels = list(plan.skipped)
+        self.channels_before_downsampling = list(plan.down)
+        self.downsampling_factors = tuple(
+            math.prod(stride[axis] for stride in self.resampling_stride) for axis in range(dim)
+        )
+        self.padding_mode = padding_mode
+        self.padding_value = padding_value
+        self.revert_input_padding = revert_input_padding
+        self.disable_custom_gradient = disable_custom_gradient
+        self.verbose = verbose
+        self._warned_shapes: set[tuple[int, ...]] = set()
+
+        module_kwargs = dict(module_kwargs or {})
+        resampling_kwargs = dict(resampling_kwargs or {})
+        channel_mixing_kwargs = dict(channel_mixing_kwargs or {})
+        mixing = learnable_channel_mixing and channel_mixing_freq != 0
+
+        def wrap(module: nn.Module) -> nn.Module:
+            return reversible(module, disable=disable_custom_gradient)
+
+        def level_blocks(level: int) -> nn.ModuleList:
+            blocks = nn.ModuleList()
+            for j in range(self.architecture[level]):
+                blocks.append(wrap(create_module_fn(self.channels[level], dim=dim, module_index=j, **module_kwargs)))
+                if mixing and channel_mixing_freq > 0 and (j + 1) % channel_mixing_freq == 0:
+                    blocks.append(wrap(self._mixing(level, channel_mixing_method, channel_mixing_kwargs)))
+            return blocks
+
+        self.encoder_levels = nn.ModuleList()
+        self.decoder_levels = nn.ModuleList()
+        for level in range(self.num_levels):
+            encoder, decoder = level_blocks(level), level_blocks(level)
+            if mixing and channel_mixing_freq == -1 and level < self.num_levels - 1:
+                # one mixing per level: before the split, mirrored right after the merge
+                encoder.append(wrap(self._mixing(level, channel_mixing_method, channel_mixing_kwargs)))
+                decoder.insert(0, wrap(self._mixing(level, channel_mixing_method, channel_mixing_kwargs)))
+            self.encoder_levels.append(encoder)
+            self.decoder_levels.append(decoder)
+
+        resampling = dict(method=resampling_method, init=resampling_init, learnable=learnable_resampling)
+        resampling.update(resampling_kwargs)
+        self.splits = nn.ModuleList()
+        self.merges = nn.ModuleList()
+        for level, stride in enumerate(self.resampling_stride):
+            k, d = self.skipped_channels[level], self.channels_before_downsampling[level]
+            self.splits.append(wrap(SplitAndDownsample(k, InvertibleDownsampling(d, stride, **resampling))))
+            self.merges.append(
+                wrap(UpsampleAndMerge(k, InvertibleUpsampling(self.channels[level + 1], stride, **resampling)))
+            )
+
+        # The caller owns the input of forward() and of inverse(): those two blocks keep it.
+        self.encoder_levels[0][0].keep_input = True
+        self.decoder_levels[0][-1].keep_input_inverse = True
+
+    def _mixing(self, level: int, method: str, kwargs: dict) -> InvertibleChannelMixing:
+        return InvertibleChannelMixing(self.channels[level], method=method, dim=self.dim, **kwargs)
+
+    # ----- forward direction -------------------------------------------------------------------
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: (B, in_channels, *S) -> (B, in_channels, *S); padded internally if needed."""
+        padded, amounts = self._pad(x)
+        y = self._decode(self._encode(padded))
+        return crop_padding(y, amounts) if self.revert_input_padding else y
+
+    def encode(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """x: (B, C_0, *S) -> [skip_0 (B, k_0, *S), ..., skip_{L-2}, bottom (B, C_{L-1}, *S_{L-1})].
+
+        The input is padded as in ``forward``; the codes are at the padded size.
+        """
+        return self._encode(self._pad(x)[0])
+
+    def decode(self, *codes: torch.Tensor) -> torch.Tensor:
+        """The codes of ``encode`` -> (B, C_0, *S_padded). The caller's codes are left intact."""
+        codes = self._unpack(codes)
+        if not self.disable_custom_gradient and torch.is_grad_enabled():
+            codes = [code.clone() for code in codes]  # the reversible blocks release their inputs
+        return self._decode(codes)
+
+    def _encode(self, x: torch.Tensor) -> list[torch.Tensor]:
+        codes = []
+        for level in range(self.num_levels):
+            for block in self.encoder_levels[level]:
+                x = block(x)
+            if level < self.num_levels - 1:
+                skip, x = self.splits[level](x)
+                codes.append(skip)
+        codes.append(x)
+        return codes
+
+    def _decode(self, codes: Sequence[torch.Tensor]) -> torch.Tensor:
+        self._check_codes(codes)
+        x = codes[-1]
+        for level in reversed(range(self.num_levels)):
+            if level < self.num_levels - 1:
+                x = self.merges[level](codes[level], x)
+            for block in self.decoder_levels[level]:
+                x = block(x)
+        return x
+
+    # ----- inverse direction -------------------------------------------------------------------
+
+    def inverse(self, y: torch.Tensor) -> torch.Tensor:
+        """The inverse of ``forward``: y (B, in_channels, *S) -> x (B, in_channels, *S).
+
+        Exact when no padding was needed. Otherwise ``y`` is padded again before inverting and the
+        result is cropped, which only approximates the padded region ``forward`` discarded.
+        """
+        padded, amounts = self._pad(y)
+        codes = self._inverse_decode(padded)
+        x = self._inverse_encode(codes)
+        return crop_padding(x, amounts) if self.revert_input_padding else x
+
+    def _inverse_decode(self, y: torch.Tensor) -> list[torch.Tensor]:
+        codes = []
+        for level in range(self.num_levels):
+            for block in reversed(self.decoder_levels[level]):
+                y = block.inverse(y)
+            if level < self.num_levels - 1:
+                skip, y = self.merges[level].inverse(y)
+                codes.append(skip)
+        codes.append(y)
+        return codes
+
+    def _inverse_encode(self, codes: Sequence[torch.Tensor]) -> torch.Tensor:
+        x = codes[-1]
+        for level in reversed(range(self.num_levels)):
+            if level < self.num_levels - 1:
+                x = self.splits[level].inverse(codes[level], x)
+            for block in reversed(self.encoder_levels[level]):
+                x = block.inverse(x)
+        return x
+
+    # ----- helpers -----------------------------------------------------------------------------
+
+    def _pad(self, x: torch.Tensor) -> tuple[torch.Tensor, list[tuple[int, int]]]:
+        """Validate x (B, C, *S) and pad it to multiples of the downsampling factors."""
+        if not isinstance(x, torch.Tensor) or x.dim() != self.dim + 2 or x.shape[1] != self.in_channels:
+            shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+            raise ValueError(
+                f"iUNet(dim={self.dim}, in_channels={self.in_channels}) expects input of shape "
+                f"(B, {self.in_channels}, {', '.join('S' * self.dim)}), got {shape}"
+            )
+        padded, amounts = pad_to_multiple(x, self.downsampling_factors, self.padding_mode, self.padding_value)
+        if padded is x:
+            if x.is_leaf and x.requires_grad and not self.disable_custom_gradient:
+                # memcnn sets .grad on its input and also returns it: a leaf would get it twice.
+                padded = x.view_as(x)
+        elif self.verbose and tuple(x.shape[2:]) not in self._warned_shapes:
+            self._warned_shapes.add(tuple(x.shape[2:]))
+            warnings.warn(
+                f"iUNet: input size {tuple(x.shape[2:])} is padded to {tuple(padded.shape[2:])} "
+                f"(multiples of {self.downsampling_factors}); pass divisible sizes to avoid the copy",
+                stacklevel=2,
+            )
+        return padded, amounts
+
+    def _unpack(self, codes: Sequence) -> list[torch.Tensor]:
+        if len(codes) == 1 and isinstance(codes[0], list | tuple):
+            codes = codes[0]
+        return list(codes)
+
+    def _check_codes(self, codes: Sequence[torch.Tensor]) -> None:
+        if len(codes) != self.num_levels:
+            raise ValueError(f"decode expects {self.num_levels} codes (one per level), got {len(codes)}")
+
+    def layout(self) -> str:
+        """The layout text of ``print_layout``."""
+        plan = ChannelPlan(tuple(self.channels), tuple(self.skipped_channels), tuple(self.channels_before_downsampling))
+        return format_layout(plan, self.architecture)
+
+    def print_layout(self) -> None:
+        """Print channels per level and the splits, as the original library does."""
+        print(self.layout())

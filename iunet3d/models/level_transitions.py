@@ -1,0 +1,47 @@
+"""The invertible steps between resolution levels: split + downsample, and upsample + merge.
+
+Each is one invertible module so that a reversible wrapper can release its input: the split is
+never a separate, non-invertible operation that would keep a full-resolution tensor alive.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from iunet3d.models.resampling import InvertibleDownsampling, InvertibleUpsampling
+
+
+class SplitAndDownsample(nn.Module):
+    """x: (B, C, *S) -> (skip: (B, k, *S), low: (B, m * (C - k), *S / stride)).
+
+    ``skip`` is a copy, not a view of ``x``: a reversible wrapper frees ``x``'s storage.
+    """
+
+    def __init__(self, skipped_channels: int, downsampling: InvertibleDownsampling):
+        super().__init__()
+        self.skipped_channels = skipped_channels
+        self.downsampling = downsampling
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        k = self.skipped_channels
+        return x[:, :k].clone(memory_format=torch.contiguous_format), self.downsampling(x[:, k:])
+
+    def inverse(self, skip: torch.Tensor, low: torch.Tensor) -> torch.Tensor:
+        return torch.cat([skip, self.downsampling.inverse(low)], dim=1)
+
+
+class UpsampleAndMerge(nn.Module):
+    """(skip: (B, k, *S), low: (B, m * d, *S / stride)) -> x: (B, k + d, *S)."""
+
+    def __init__(self, skipped_channels: int, upsampling: InvertibleUpsampling):
+        super().__init__()
+        self.skipped_channels = skipped_channels
+        self.upsampling = upsampling
+
+    def forward(self, skip: torch.Tensor, low: torch.Tensor) -> torch.Tensor:
+        return torch.cat([skip, self.upsampling(low)], dim=1)
+
+    def inverse(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        k = self.skipped_channels
+        return x[:, :k].clone(memory_format=torch.contiguous_format), self.upsampling.inverse(x[:, k:])

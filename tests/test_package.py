@@ -1,0 +1,61 @@
+"""Packaging and house rules: import direction, CLI entry points, memcnn warning filters."""
+
+import ast
+import pathlib
+import subprocess
+import sys
+
+import iunet3d
+
+PACKAGE = pathlib.Path(iunet3d.__file__).parent
+FORBIDDEN = ("zarr", "torchio", "wandb", "iunet3d.data", "iunet3d.train", "iunet3d.infer")
+
+
+def test_models_import_nothing_of_data_train_infer_zarr_torchio_wandb():
+    code = (
+        "import sys, iunet3d, iunet3d.models, iunet3d.layers, iunet3d.models.registry\n"
+        f"bad = sorted(m for m in sys.modules if m.split('.')[0] in {FORBIDDEN!r} or m.startswith({FORBIDDEN!r}))\n"
+        "print(bad)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "[]"
+    for path in (PACKAGE / "models").glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = []
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                names = [node.module]
+            for name in names:
+                assert not name.startswith(FORBIDDEN), f"{path.name} imports {name}"
+                assert not name.startswith("torch.distributed"), f"{path.name} imports {name} (DDP)"
+
+
+def test_python_dash_m_runs_the_cli():
+    result = subprocess.run([sys.executable, "-m", "iunet3d", "bench", "memory", "--help"],
+                            capture_output=True, text=True)  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert "--depths" in result.stdout
+    missing = subprocess.run([sys.executable, "-m", "iunet3d"], capture_output=True, text=True)
+    assert missing.returncode == 2 and "COMMAND" in missing.stderr
+
+
+def test_console_script_is_installed():
+    script = pathlib.Path(sys.executable).parent / "iunet3d"
+    result = subprocess.run([str(script), "--help"], capture_output=True, text=True)
+    assert result.returncode == 0 and "bench" in result.stdout
+
+
+def test_memcnn_deprecation_warnings_are_filtered_but_others_are_not():
+    code = (
+        "import warnings, torch\n"
+        "from iunet3d import iUNet\n"
+        "m = iUNet(4, [1, 1], dim=2)\n"
+        "m(torch.randn(1, 4, 8, 8)).sum().backward()\n"
+        "warnings.warn('a user warning still shows', UserWarning)\n"
+    )
+    result = subprocess.run([sys.executable, "-W", "default", "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert "custom_fwd" not in result.stderr and "custom_bwd" not in result.stderr
+    assert "TypedStorage" not in result.stderr
+    assert "a user warning still shows" in result.stderr
