@@ -1,5 +1,8 @@
 """Shared test helpers."""
 
+import warnings
+from contextlib import contextmanager
+
 import pytest
 import torch
 
@@ -19,3 +22,14 @@ def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(1234)
+
+
+@contextmanager
+def expect_warning(match: str):
+    """Like ``pytest.warns`` but without re-emitting other warnings (memcnn's filtered deprecation
+    warning would otherwise resurface inside the block)."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        yield
+    messages = [str(w.message) for w in caught]
+    assert any(match in m for m in messages), f"no warning containing {match!r}, got {messages}"

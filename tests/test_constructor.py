@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from conftest import expect_warning
 
 from iunet3d import iUNet
 
@@ -50,7 +51,7 @@ def test_seed_readme_customised_3d_example_runs_with_changed_import(capsys):
     assert model.skipped_channels == [5, 12, 24]
     assert model.channels_before_downsampling == [2, 4, 8]
     assert model.downsampling_factors == (8, 8, 8)
-    with pytest.warns(UserWarning, match="padded"):
+    with expect_warning("padded"):
         y = model(torch.randn(1, 7, 9, 10, 11))
     assert y.shape == (1, 7, 9, 10, 11)
 

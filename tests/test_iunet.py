@@ -4,7 +4,7 @@ import warnings
 
 import pytest
 import torch
-from conftest import randomise_parameters, relative_error
+from conftest import expect_warning, randomise_parameters, relative_error
 from torch import nn
 
 from iunet3d import iUNet
@@ -172,7 +172,7 @@ def test_no_warning_and_no_copy_when_no_padding_needed():
         model(x).sum().backward()
         with torch.no_grad():
             model.inverse(x)
-    with pytest.warns(UserWarning, match="padded"):
+    with expect_warning("padded"):
         model(torch.randn(1, 4, 7, 8))
 
 
@@ -201,3 +201,22 @@ def test_padding_modes(padding_mode):
     assert padded.shape[2:] == (6, 6, 8)
     if padding_mode == "constant":
         assert torch.allclose(padded[0, :, -1], torch.full_like(padded[0, :, -1], -3.0), atol=1e-6)
+
+
+@pytest.mark.slow
+def test_tutorial_mirror_toy_problem_learns():
+    """Seed tutorial 1: train an iUNet to mirror images (here smooth random ones, not CIFAR)."""
+    torch.manual_seed(0)
+    generator = torch.Generator().manual_seed(0)
+    model = iUNet(in_channels=2, dim=2, architecture=(2, 2, 2, 2, 2))
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    losses = []
+    for _ in range(150):
+        coarse = torch.rand(16, 2, 4, 4, generator=generator)
+        x = nn.functional.interpolate(coarse, size=(16, 16), mode="bilinear", align_corners=True)
+        optimizer.zero_grad()
+        loss = nn.functional.mse_loss(model(x), torch.flip(x, (3,)))
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert sum(losses[-5:]) / 5 < losses[0] / 2
