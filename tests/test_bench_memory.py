@@ -43,7 +43,7 @@ def test_bench_memory_runs_and_reversible_memory_does_not_grow_with_depth():
     assert all(c["peak_mb"] > 0 and c["step_s"] > 0 for c in cases.values())
     conventional_growth = cases[9, "conventional"]["peak_mb"] - cases[3, "conventional"]["peak_mb"]
     reversible_growth = cases[9, "reversible"]["peak_mb"] - cases[3, "reversible"]["peak_mb"]
-    assert conventional_growth > 10  # each coupling stores activations of several MB here
+    assert conventional_growth > 5  # each coupling stores activations of about 2 MB here
     assert reversible_growth < 0.25 * conventional_growth
     assert cases[9, "reversible"]["peak_mb"] < cases[9, "conventional"]["peak_mb"]
     assert cases[9, "reversible"]["reconstruction_error"] < 1e-5

@@ -122,6 +122,8 @@ def test_encode_decode_match_forward_and_keep_codes():
     with torch.no_grad():
         assert relative_error(y.detach(), model(x)) < 1e-12
         assert relative_error(model.decode(codes), model(x)) < 1e-12
+    for code, copy in zip(codes, saved, strict=True):  # decode under no_grad keeps them too
+        assert torch.equal(code.detach(), copy)
 
 
 def test_relu_before_iunet_in_callers_network():

@@ -1,12 +1,14 @@
 """``iunet3d bench memory``: the paper's memory table, conventional vs reversible, side by side.
 
-Every (depth, mode) case runs in fresh subprocesses so that no allocator state leaks between cases:
-one measures memory, one time. CPU memory: peak RSS above the built-model baseline, with glibc's
-``MALLOC_MMAP_THRESHOLD_=65536`` so that freed tensors go back to the OS and RSS tracks live tensors.
-That setting makes every large allocation a fresh mmap (page faults on each use), which slows the
-recomputing reversible step far more than the conventional one, so step time is measured in its own
-process with the default allocator, as training runs. CUDA memory: ``torch.cuda.max_memory_allocated``
-above the baseline. Depth = coupling layers per branch, spread evenly over the levels.
+Every (depth, mode) case runs in fresh subprocesses so that no allocator state leaks between cases.
+Memory: one process per mode. CPU: peak RSS above the built-model baseline, with glibc's
+``MALLOC_MMAP_THRESHOLD_=65536`` so that freed tensors go back to the OS and RSS tracks live tensors;
+CUDA: ``torch.cuda.max_memory_allocated`` above the baseline.
+Time: that allocator setting makes every large allocation a fresh mmap (page faults on each use),
+which slows the recomputing reversible step far more than the conventional one, so step time comes
+from one further process per mode with the default allocator, as training runs; the two are asked
+for one step in turn, so that load on a shared machine affects both alike.
+Depth = coupling layers per branch, spread evenly over the levels.
 """
 
 from __future__ import annotations
@@ -66,75 +68,128 @@ def _randomise(model) -> None:
                 parameter.normal_(0, 0.05)
 
 
-def measure_case(
-    depth: int, mode: str, measure: str, channels: int, levels: int, size: int, device: str, steps: int
-) -> CaseResult:
-    """Build one model and run one warm-up training step, then either one step measuring peak
-    memory (``measure="memory"``) or ``steps`` timed steps (``measure="time"``, median)."""
-    import gc
-
+def _build(depth: int, mode: str, channels: int, levels: int, device: str):
     import torch
 
     from iunet3d import iUNet
 
-    torch.manual_seed(0)
-    architecture = spread_depth(depth, levels)
-    model = iUNet(channels, architecture, dim=3, disable_custom_gradient=(mode == "conventional")).to(device)
+    torch.manual_seed(0)  # same weights in every process and mode
+    model = iUNet(channels, spread_depth(depth, levels), dim=3, disable_custom_gradient=(mode == "conventional"))
     _randomise(model)
+    return model.to(device)
+
+
+def _training_step(model, x) -> float:
+    """One forward + backward; seconds (synchronised on CUDA)."""
+    import torch
+
+    cuda = x.device.type == "cuda"
+    model.zero_grad(set_to_none=True)
+    if cuda:
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    model(x).square().mean().backward()
+    if cuda:
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
+def measure_peak_memory(depth: int, mode: str, channels: int, levels: int, size: int, device: str) -> float:
+    """Peak memory (MB) of one training step above the built-model baseline, after one warm-up step."""
+    import gc
+
+    import torch
+
+    model = _build(depth, mode, channels, levels, device)
     x = torch.randn(1, channels, size, size, size, device=device)
-    cuda = device.startswith("cuda")
+    _training_step(model, x)  # warm-up: allocator, oneDNN primitives
+    model.zero_grad(set_to_none=True)
+    gc.collect()
+    if device.startswith("cuda"):
+        baseline = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        _training_step(model, x)
+        return (torch.cuda.max_memory_allocated() - baseline) / 2**20
+    baseline = _rss_mb("VmRSS")
+    _reset_peak_rss()
+    _training_step(model, x)
+    return _rss_mb("VmHWM") - baseline
 
-    def step() -> float:
-        model.zero_grad(set_to_none=True)
-        if cuda:
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        model(x).square().mean().backward()
-        if cuda:
-            torch.cuda.synchronize()
-        return time.perf_counter() - start
 
-    step()  # warm-up: allocator, oneDNN primitives
-    peak_mb, step_s, error = float("nan"), float("nan"), None
-    if measure == "memory":
-        model.zero_grad(set_to_none=True)
-        gc.collect()
-        if cuda:
-            baseline = torch.cuda.memory_allocated()
-            torch.cuda.reset_peak_memory_stats()
-            step()
-            peak_mb = (torch.cuda.max_memory_allocated() - baseline) / 2**20
-        else:
-            baseline = _rss_mb("VmRSS")
-            _reset_peak_rss()
-            step()
-            peak_mb = _rss_mb("VmHWM") - baseline
-    else:
-        step_s = statistics.median(step() for _ in range(steps))
-        if mode == "reversible":
+def serve_step_times(depth: int, mode: str, channels: int, levels: int, size: int, device: str) -> None:
+    """Timing worker: build the model, warm up, then answer commands on stdin, one per line:
+    ``step`` -> seconds of one training step; ``error`` -> float32 ``|inverse(forward(x)) - x| / |x|``."""
+    import torch
+
+    model = _build(depth, mode, channels, levels, device)
+    x = torch.randn(1, channels, size, size, size, device=device)
+    _training_step(model, x)  # warm-up
+    print("ready", flush=True)
+    for command in sys.stdin:
+        if command.strip() == "step":
+            print(_training_step(model, x), flush=True)
+        elif command.strip() == "error":
             with torch.no_grad():
-                error = float((model.inverse(model(x)) - x).norm() / x.norm())
-    return CaseResult(depth, mode, architecture, round(peak_mb, 2), step_s, error)
+                print(float((model.inverse(model(x)) - x).norm() / x.norm()), flush=True)
 
 
-def _run_case_subprocess(args: argparse.Namespace, depth: int, mode: str) -> CaseResult:
-    """Memory in one fresh process (RSS-tracking allocator), time in another (default allocator)."""
-    results = {}
-    for measure in ("memory", "time"):
-        env = dict(os.environ, PYTHONWARNINGS="ignore")
-        if measure == "memory":
-            env["MALLOC_MMAP_THRESHOLD_"] = "65536"
-        command = [
-            sys.executable, "-m", "iunet3d.bench.memory", "--worker", "--measure", measure,
-            "--depth", str(depth), "--mode", mode, "--channels", str(args.channels), "--levels", str(args.levels),
-            "--size", str(args.size), "--device", args.device, "--steps", str(args.steps),
-        ]  # fmt: skip
-        completed = subprocess.run(command, env=env, capture_output=True, text=True)
-        if completed.returncode != 0:
-            raise RuntimeError(f"benchmark case depth={depth} mode={mode} failed:\n{completed.stderr[-3000:]}")
-        results[measure] = CaseResult(**json.loads(completed.stdout.strip().splitlines()[-1]))
-    memory, timing = results["memory"], results["time"]
-    return CaseResult(depth, mode, memory.architecture, memory.peak_mb, timing.step_s, timing.reconstruction_error)
+def measure_step_times(args: argparse.Namespace, depth: int) -> dict:
+    """Median step time per mode. Each mode runs in its own process (its own allocator state, as in
+    training); the parent asks them for one step in turn, so load on a shared machine hits both alike."""
+    workers = {mode: _start_worker(args, depth, "time", mode, stdin=subprocess.PIPE) for mode in MODES}
+    try:
+        for mode, worker in workers.items():
+            _read_line(worker, depth, mode)  # "ready"
+        times: dict[str, list[float]] = {mode: [] for mode in MODES}
+        for _ in range(args.steps):
+            for mode, worker in workers.items():
+                worker.stdin.write("step\n")
+                worker.stdin.flush()
+                times[mode].append(float(_read_line(worker, depth, mode)))
+        workers["reversible"].stdin.write("error\n")
+        workers["reversible"].stdin.flush()
+        error = float(_read_line(workers["reversible"], depth, "reversible"))
+    finally:
+        for worker in workers.values():
+            worker.stdin.close()
+            worker.wait()
+    return {"step_s": {mode: statistics.median(times[mode]) for mode in MODES}, "reconstruction_error": error}
+
+
+def _read_line(worker: subprocess.Popen, depth: int, mode: str) -> str:
+    line = worker.stdout.readline()
+    if not line:
+        raise RuntimeError(f"benchmark timing worker depth={depth} {mode} failed:\n{worker.stderr.read()[-3000:]}")
+    return line.strip()
+
+
+def _start_worker(args: argparse.Namespace, depth: int, measure: str, mode: str, **popen) -> subprocess.Popen:
+    env = dict(os.environ, PYTHONWARNINGS="ignore")
+    if measure == "memory":
+        env["MALLOC_MMAP_THRESHOLD_"] = "65536"
+    command = [
+        sys.executable, "-m", "iunet3d.bench.memory", "--worker", "--measure", measure, "--depth", str(depth),
+        "--mode", mode, "--channels", str(args.channels), "--levels", str(args.levels), "--size", str(args.size),
+        "--device", args.device,
+    ]  # fmt: skip
+    return subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **popen)
+
+
+def measure_depth(args: argparse.Namespace, depth: int) -> list[CaseResult]:
+    """Both modes at one depth: peak memory in a fresh process per mode (RSS-tracking allocator), then
+    step times from one timing process per mode (default allocator), stepped alternately."""
+    peaks = {}
+    for mode in MODES:
+        worker = _start_worker(args, depth, "memory", mode)
+        peaks[mode] = float(_read_line(worker, depth, mode))
+        worker.wait()
+    timing = measure_step_times(args, depth)
+    architecture = spread_depth(depth, args.levels)
+    return [
+        CaseResult(depth, mode, architecture, round(peaks[mode], 2), timing["step_s"][mode],
+                   timing["reconstruction_error"] if mode == "reversible" else None)
+        for mode in MODES
+    ]  # fmt: skip
 
 
 def format_table(results: list[CaseResult], header: str) -> str:
@@ -176,14 +231,13 @@ def run(args: argparse.Namespace) -> int:
         f"(time: median of {args.steps}), torch {torch.__version__}, {torch.get_num_threads()} threads; "
         + ("peak = torch.cuda.max_memory_allocated above baseline" if args.device.startswith("cuda")
            else "peak = RSS high-water mark above the built-model baseline, MALLOC_MMAP_THRESHOLD_=65536; "
-                "step time in a separate process with the default allocator")
+                "step times from one process per mode with the default allocator, stepped alternately")
     )  # fmt: skip
     results = []
     for depth in args.depths:
-        for mode in MODES:
-            result = _run_case_subprocess(args, depth, mode)
+        for result in measure_depth(args, depth):
             results.append(result)
-            print(f"  measured depth={depth:>3} {mode:<12} peak={result.peak_mb:9.1f} MB "
+            print(f"  measured depth={depth:>3} {result.mode:<12} peak={result.peak_mb:9.1f} MB "
                   f"step={result.step_s:6.2f} s", file=sys.stderr, flush=True)  # fmt: skip
     if args.json:
         print(json.dumps({"header": header, "cases": [asdict(r) for r in results]}))
@@ -210,10 +264,10 @@ def _worker_main() -> None:
     parser.add_argument("--measure", choices=("memory", "time"), required=True)
     add_arguments(parser)
     args = parser.parse_args()
-    result = measure_case(
-        args.depth, args.mode, args.measure, args.channels, args.levels, args.size, args.device, args.steps
-    )
-    print(json.dumps(asdict(result)))
+    if args.measure == "memory":
+        print(measure_peak_memory(args.depth, args.mode, args.channels, args.levels, args.size, args.device))
+    else:
+        serve_step_times(args.depth, args.mode, args.channels, args.levels, args.size, args.device)
 
 
 if __name__ == "__main__":

@@ -158,7 +158,7 @@ class iUNet(nn.Module):
     def decode(self, *codes: torch.Tensor) -> torch.Tensor:
         """The codes of ``encode`` -> (B, C_0, *S_padded). The caller's codes are left intact."""
         codes = self._unpack(codes)
-        if not self.disable_custom_gradient and torch.is_grad_enabled():
+        if not self.disable_custom_gradient:
             codes = [code.clone() for code in codes]  # the reversible blocks release their inputs
         return self._decode(codes)
 
@@ -228,8 +228,9 @@ class iUNet(nn.Module):
             )
         padded, amounts = pad_to_multiple(x, self.downsampling_factors, self.padding_mode, self.padding_value)
         if padded is x:
-            if x.is_leaf and x.requires_grad and not self.disable_custom_gradient:
-                # memcnn sets .grad on its input and also returns it: a leaf would get it twice.
+            if x.requires_grad and not self.disable_custom_gradient:
+                # memcnn sets .grad on its input and also returns that gradient: a leaf would get it
+                # twice, a non-leaf would carry a stray .grad. It only ever sees this alias.
                 padded = x.view_as(x)
         elif self.verbose and tuple(x.shape[2:]) not in self._warned_shapes:
             self._warned_shapes.add(tuple(x.shape[2:]))
