@@ -131,3 +131,11 @@ def test_channel_mixing_options():
     assert count(iUNet(4, [2, 2, 2], dim=2, channel_mixing_freq=2)) == 6
     assert count(iUNet(4, [2, 2, 2], dim=2, channel_mixing_freq=0)) == 0
     assert count(iUNet(4, [2, 2, 2], dim=2, learnable_channel_mixing=False)) == 0
+
+
+def test_batch_norm_is_possible_but_warns():
+    from conftest import expect_warning
+
+    with expect_warning("three times per step"):
+        model = iUNet(4, [1, 1], dim=2, module_kwargs={"norm": "batch"})
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch import nn
 
@@ -24,6 +26,11 @@ def make_norm(norm: str | None, channels: int, dim: int, num_groups: int = 8) ->
     if norm == "instance":
         return _INSTANCE_NORM[dim](channels, affine=True)
     if norm == "batch":
+        warnings.warn(
+            "norm='batch' in a coupling function: under reversible backprop BatchNorm's running statistics "
+            "are updated three times per step (forward, inverse, recompute); prefer 'group' or 'instance'",
+            stacklevel=2,
+        )
         return _BATCH_NORM[dim](channels)
     if norm is None or norm == "none":
         return nn.Identity()
