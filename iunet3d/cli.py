@@ -11,6 +11,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="iunet3d", description="Memory-efficient training of deep invertible 3D U-Nets on CT volumes."
     )
+    from iunet3d import __version__
+
+    parser.add_argument("--version", action="version", version=f"iunet3d {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     bench = commands.add_parser("bench", help="benchmarks that print side-by-side tables")

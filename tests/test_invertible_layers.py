@@ -80,6 +80,19 @@ def test_gradcheck_inputs_and_parameters(example, method, weights, direction):
     assert torch.autograd.gradcheck(function, inputs + parameters, eps=1e-6, atol=1e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("example", EXAMPLES, ids=[e.name for e in EXAMPLES])
+def test_outputs_never_share_storage_with_inputs(example):
+    """The reversible wrapper releases a block's input storage: an output aliasing it would be lost."""
+    layer = _build(example, "cayley", "random")
+    inputs = _inputs(example)
+    with torch.no_grad():
+        outputs = _as_tuple(layer(*inputs))
+        reconstructed = _as_tuple(layer.inverse(*outputs))
+    for sources, results in ((inputs, outputs), (outputs, reconstructed)):
+        source_pointers = {t.untyped_storage().data_ptr() for t in sources}
+        assert not source_pointers & {t.untyped_storage().data_ptr() for t in results}
+
+
 def test_registry_lists_every_invertible_layer():
     """A module class in iunet3d.models with an ``inverse`` must be in INVERTIBLE_LAYERS and tested."""
     import pkgutil
