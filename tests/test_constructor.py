@@ -92,6 +92,10 @@ def test_unknown_keyword_is_a_type_error():
         (dict(resampling_init=torch.ones(8, 8)), "resampling_init"),
         (dict(padding_mode="mirror"), "padding_mode"),
         (dict(channel_mixing_freq=-2), "channel_mixing_freq"),
+        (dict(dim=3.0), "dim"),
+        (dict(dim=True), "dim"),
+        (dict(resampling_init=torch.eye(8).expand(3, 8, 8)), "resampling_init"),
+        (dict(module_kwargs={"num_groups": 0}), "num_groups"),
     ],
 )
 def test_invalid_values_name_the_argument(kwargs, argument):
@@ -139,3 +143,41 @@ def test_batch_norm_is_possible_but_warns():
     with expect_warning("three times per step"):
         model = iUNet(4, [1, 1], dim=2, module_kwargs={"norm": "batch"})
     assert any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
+
+
+def test_create_module_fn_gets_the_original_librarys_context():
+    from iunet3d.layers import create_standard_module
+
+    seen = []
+
+    def create(in_channels, **kwargs):
+        seen.append((kwargs["LR"], kwargs["level"], kwargs["module_index"], kwargs["architecture"], kwargs["dim"]))
+        return create_standard_module(in_channels, **kwargs)
+
+    iUNet(4, [2, 1], dim=2, create_module_fn=create)
+    assert sorted(seen) == sorted(
+        [("L", 0, 0, (2, 1), 2), ("L", 0, 1, (2, 1), 2), ("L", 1, 0, (2, 1), 2),
+         ("R", 0, 0, (2, 1), 2), ("R", 0, 1, (2, 1), 2), ("R", 1, 0, (2, 1), 2)]
+    )  # fmt: skip
+
+
+def test_numpy_and_nearly_orthogonal_resampling_init_give_exact_float64_inverse():
+    import numpy as np
+    from conftest import relative_error
+
+    q32, _ = torch.linalg.qr(torch.randn(4, 4))  # float32: orthogonal only to ~1e-7
+    for init in (q32, q32.numpy().astype(np.float32)):
+        model = iUNet(4, [1, 1], dim=2, resampling_init=init).double()
+        x = torch.randn(2, 4, 8, 8, dtype=torch.float64)
+        with torch.no_grad():
+            assert relative_error(model.inverse(model(x)), x) < 1e-12
+
+
+def test_fixed_dimension_layers_default_to_stride_two():
+    from iunet3d.layers import InvertibleDownsampling1D, InvertibleDownsampling3D, InvertibleUpsampling2D
+
+    assert InvertibleDownsampling3D(4).stride == (2, 2, 2)
+    assert InvertibleDownsampling1D(4).stride == (2,)
+    assert InvertibleUpsampling2D(8).channels == 2
+    with pytest.raises(ValueError, match="stride"):
+        InvertibleDownsampling3D(4, (2, 2))

@@ -77,17 +77,17 @@ def test_reversible_gradients_equal_conventional(name, sizes):
     spatial = DIVISIBLE[name] if sizes == "divisible" else ODD[name]
     x = _input(config, spatial)
     target = torch.randn_like(x)
-    x_before = x.clone()
     grads = []
     for model in (reversible, conventional):
         leaf = x.clone().requires_grad_()  # a leaf input: memcnn alone would double its gradient
         loss = ((model(leaf) - target) ** 2).sum()
         loss.backward()
         grads.append([leaf.grad] + [p.grad for p in model.parameters()])
+        assert leaf.untyped_storage().nbytes() == leaf.numel() * leaf.element_size()
+        assert torch.equal(leaf.detach(), x)
     assert len(grads[0]) > 1
     for got, expected in zip(*grads, strict=True):
         assert relative_error(got, expected) < 1e-10
-    assert torch.equal(x, x_before)
 
 
 @pytest.mark.parametrize("padding_mode", [None, "constant"])
@@ -96,12 +96,14 @@ def test_callers_input_is_never_freed_or_changed(padding_mode):
     model, _ = _pair(config, padding_mode=padding_mode)
     x = _input(config, DIVISIBLE["3d-aniso"])
     x_copy = x.clone()
-    nonleaf = (x * 1.0).requires_grad_(False)
-    for tensor, reference in ((x, x_copy), (nonleaf, x_copy)):
-        y = model(tensor)
-        y.sum().backward()
-        assert tensor.untyped_storage().size() == tensor.numel() * tensor.element_size()
-        assert torch.equal(tensor, reference)
+    source = x.clone().requires_grad_()
+    nonleaf_requiring_grad = source * 1.0
+    view = x.clone()[:, :, ...]
+    for tensor in (x, nonleaf_requiring_grad, view):
+        model(tensor).sum().backward()
+        assert tensor.untyped_storage().nbytes() == tensor.numel() * tensor.element_size()
+        assert torch.equal(tensor.detach(), x_copy)
+    assert source.grad is not None and source.grad.abs().sum() > 0
     with torch.no_grad():
         model(x)
         model.inverse(x)
@@ -142,24 +144,70 @@ def test_relu_before_iunet_in_callers_network():
 
 @pytest.mark.parametrize("optimizer_type", [torch.optim.SGD, torch.optim.Adam])
 def test_iunet_as_subnetwork_trains(optimizer_type):
-    """The seed tutorial's segmentation pattern: Conv3d -> iUNet -> Conv3d."""
-    torch.manual_seed(0)
-    model = nn.Sequential(
-        nn.Conv3d(1, 8, 3, padding=1), iUNet(8, (1, 1, 1), dim=3, resampling_stride=[(1, 2, 2), 2]),
-        nn.Conv3d(8, 3, 3, padding=1),
-    )  # fmt: skip
-    optimizer = optimizer_type(model.parameters(), lr=0.01 if optimizer_type is torch.optim.Adam else 0.1)
+    """The seed tutorial's segmentation pattern: Conv3d -> iUNet -> Conv3d, with a ReLU before the
+    iUNet. Each step's gradients equal those of the same network with conventional backprop."""
+
+    def network(disable_custom_gradient):
+        torch.manual_seed(0)
+        return nn.Sequential(
+            nn.Conv3d(1, 8, 3, padding=1), nn.ReLU(),
+            iUNet(8, (1, 1, 1), dim=3, resampling_stride=[(1, 2, 2), 2],
+                  disable_custom_gradient=disable_custom_gradient),
+            nn.Conv3d(8, 3, 3, padding=1),
+        )  # fmt: skip
+
+    models = {"reversible": network(False), "conventional": network(True)}
+    lr = 0.01 if optimizer_type is torch.optim.Adam else 0.1
+    optimizers = {name: optimizer_type(m.parameters(), lr=lr) for name, m in models.items()}
+    iunet_start = [p.detach().clone() for p in models["reversible"][2].parameters()]
     x = torch.randn(2, 1, 4, 8, 8)
     labels = (x[:, 0] > 0.5).long() + (x[:, 0] > 1.0).long()
     losses = []
     for _ in range(15):
-        optimizer.zero_grad()
-        loss = nn.functional.cross_entropy(model(x), labels)
-        loss.backward()
-        optimizer.step()
-        losses.append(loss.item())
+        for name, model in models.items():
+            optimizers[name].zero_grad()
+            loss = nn.functional.cross_entropy(model(x), labels)
+            loss.backward()
+            if name == "reversible":
+                losses.append(loss.item())
+        pairs = zip(models["reversible"].parameters(), models["conventional"].parameters(), strict=True)
+        for p_reversible, p_conventional in pairs:
+            assert torch.allclose(p_reversible.grad, p_conventional.grad, rtol=1e-3, atol=1e-6)
+        for optimizer in optimizers.values():
+            optimizer.step()
     assert losses[-1] < 0.7 * losses[0]
-    assert all(p.grad is not None for p in model.parameters())
+    iunet_parameters = models["reversible"][2].parameters()
+    moved = [not torch.equal(p, p0) for p, p0 in zip(iunet_parameters, iunet_start, strict=True)]
+    assert sum(moved) > len(moved) // 2  # the iUNet itself is trained, not only the convolutions
+
+
+@pytest.mark.parametrize("requires_grad", [False, True])
+def test_in_place_change_of_the_input_before_backward_is_an_error(requires_grad):
+    model = iUNet(4, (1, 1), dim=2)
+    source = torch.randn(1, 4, 8, 8, requires_grad=requires_grad)
+    x = source * 1.0 if requires_grad else source  # a non-leaf requiring grad, or a plain tensor
+    y = model(x)
+    with torch.no_grad():
+        x.add_(1.0)
+    with pytest.raises(RuntimeError, match="modified in place"):
+        y.square().sum().backward()
+
+
+def test_outputs_carry_no_stray_grad():
+    model = iUNet(4, (1, 1), dim=2)
+    x = torch.randn(1, 4, 8, 8, requires_grad=True)
+    y = model(x)
+    codes = model.encode(x)
+    (y.sum() + sum(c.sum() for c in codes)).backward()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # reading .grad of a non-leaf warns
+        assert y.grad is None and all(c.grad is None for c in codes)
+
+
+def test_low_precision_models_run():
+    model = iUNet(4, (1, 1), dim=2).to(torch.bfloat16)
+    y = model(torch.randn(1, 4, 8, 8, dtype=torch.bfloat16))
+    assert y.dtype == torch.bfloat16 and torch.isfinite(y.float()).all()
 
 
 def test_no_warning_and_no_copy_when_no_padding_needed():
@@ -188,6 +236,13 @@ def test_wrong_input_shape_is_a_clear_error():
     model = iUNet(4, (1, 1), dim=3)
     with pytest.raises(ValueError, match=r"expects input of shape \(B, 4, S, S, S\)"):
         model(torch.randn(1, 3, 8, 8, 8))
+
+
+@pytest.mark.parametrize("padding_mode", ["reflect", "circular"])
+def test_padding_larger_than_the_input_is_a_clear_error(padding_mode):
+    model = iUNet(2, (1, 1, 1), dim=3, padding_mode=padding_mode, verbose=0)
+    with pytest.raises(ValueError, match=f"padding_mode='{padding_mode}' cannot pad"):
+        model(torch.randn(1, 2, 1, 4, 4))
 
 
 @pytest.mark.parametrize("padding_mode", ["constant", "reflect", "replicate", "circular"])

@@ -192,6 +192,20 @@ def measure_depth(args: argparse.Namespace, depth: int) -> list[CaseResult]:
     ]  # fmt: skip
 
 
+def cpu_convolution_regime(channels: int, levels: int, size: int) -> str:
+    """Which CPU path PyTorch takes for the coupling convolutions per level (batch 1): oneDNN when
+    N*C*D*H > 20480, else its slower im2col path (hazards.md); the same for both modes."""
+    from iunet3d import iUNet
+
+    plan = iUNet(channels, [1] * levels, dim=3).channels
+    parts = []
+    for level, level_channels in enumerate(plan):
+        edge = size // 2**level
+        work = (level_channels // 2) * edge * edge
+        parts.append(f"level {level}: {'oneDNN' if work > 20480 else 'im2col'} (N*C*D*H={work})")
+    return "CPU 3D convolution path of the coupling functions: " + ", ".join(parts)
+
+
 def format_table(results: list[CaseResult], header: str) -> str:
     """A Markdown table: one row per depth, conventional and reversible side by side."""
     by_key = {(r.depth, r.mode): r for r in results}
@@ -233,6 +247,8 @@ def run(args: argparse.Namespace) -> int:
            else "peak = RSS high-water mark above the built-model baseline, MALLOC_MMAP_THRESHOLD_=65536; "
                 "step times from one process per mode with the default allocator, stepped alternately")
     )  # fmt: skip
+    if not args.device.startswith("cuda"):
+        header += "\n" + cpu_convolution_regime(args.channels, args.levels, args.size)
     results = []
     for depth in args.depths:
         for result in measure_depth(args, depth):

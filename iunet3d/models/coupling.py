@@ -22,6 +22,8 @@ def make_norm(norm: str | None, channels: int, dim: int, num_groups: int = 8) ->
     """A normalisation layer. BatchNorm is allowed but not the default: in a reversible block its
     running statistics are updated three times per step (hazards.md)."""
     if norm == "group":
+        if num_groups < 1:
+            raise ValueError(f"num_groups must be >= 1, got {num_groups}")
         return nn.GroupNorm(_group_count(channels, num_groups), channels)
     if norm == "instance":
         return _INSTANCE_NORM[dim](channels, affine=True)
@@ -107,6 +109,9 @@ def create_standard_module(
     *,
     dim: int = 2,
     module_index: int = 0,
+    LR: str | None = None,  # noqa: N803 (the original library's keyword)
+    level: int | None = None,
+    architecture: tuple[int, ...] | None = None,
     block_depth: int = 2,
     kernel_size: int = 3,
     norm: str | None = "group",
@@ -115,9 +120,11 @@ def create_standard_module(
 ) -> AdditiveCoupling:
     """The default invertible layer of an iUNet: an additive coupling around a ``StandardBlock``.
 
-    The iUNet calls ``create_module_fn(channels, dim=dim, module_index=j, **module_kwargs)``. The
-    half that is updated alternates with ``module_index`` so that, with an odd channel count, both
-    halves are updated by consecutive layers.
+    The iUNet calls ``create_module_fn(channels, dim=, module_index=, LR=, level=, architecture=,
+    **module_kwargs)`` as the original library does (``LR`` is ``"L"`` on the encoder side and ``"R"``
+    on the decoder side; ``level`` and ``architecture`` are for custom functions and unused here).
+    The half that is updated alternates with ``module_index`` so that, with an odd channel count,
+    both halves are updated by consecutive layers.
     """
     if in_channels < 2:
         raise ValueError(f"an additive coupling needs at least 2 channels to split, got {in_channels}")

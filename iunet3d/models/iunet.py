@@ -6,6 +6,7 @@ import math
 import warnings
 from collections.abc import Callable, Sequence
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -61,7 +62,7 @@ class iUNet(nn.Module):
         verbose: int = 1,
     ):
         super().__init__()
-        if dim not in (1, 2, 3):
+        if not isinstance(dim, int) or isinstance(dim, bool) or dim not in (1, 2, 3):
             raise ValueError(f"dim must be 1, 2 or 3, got {dim!r}")
         if not isinstance(in_channels, int) or in_channels < 1:
             raise ValueError(f"in_channels must be a positive int, got {in_channels!r}")
@@ -70,6 +71,8 @@ class iUNet(nn.Module):
         _choice("resampling_method", resampling_method, ORTHOGONAL_METHODS)
         _choice("channel_mixing_method", channel_mixing_method, ORTHOGONAL_METHODS)
         _choice("padding_mode", padding_mode, PADDING_MODES)
+        if isinstance(resampling_init, np.ndarray):
+            resampling_init = torch.from_numpy(resampling_init)
         if not isinstance(resampling_init, torch.Tensor):
             _choice("resampling_init", resampling_init, RESAMPLING_INITS)
 
@@ -85,6 +88,12 @@ class iUNet(nn.Module):
         self.channels = list(plan.channels)
         self.skipped_channels = list(plan.skipped)
         self.channels_before_downsampling = list(plan.down)
+        per_channel_init = isinstance(resampling_init, torch.Tensor) and resampling_init.dim() == 3
+        if per_channel_init and any(resampling_init.shape[0] != d for d in self.channels_before_downsampling):
+            raise ValueError(
+                f"resampling_init of shape {tuple(resampling_init.shape)} holds one matrix per channel, but the "
+                f"levels downsample {self.channels_before_downsampling} channels; pass one (m, m) matrix"
+            )
         self.downsampling_factors = tuple(
             math.prod(stride[axis] for stride in self.resampling_stride) for axis in range(dim)
         )
@@ -103,10 +112,11 @@ class iUNet(nn.Module):
         def wrap(module: nn.Module) -> nn.Module:
             return reversible(module, disable=disable_custom_gradient)
 
-        def level_blocks(level: int) -> nn.ModuleList:
+        def level_blocks(level: int, side: str) -> nn.ModuleList:
             blocks = nn.ModuleList()
             for j in range(self.architecture[level]):
-                blocks.append(wrap(create_module_fn(self.channels[level], dim=dim, module_index=j, **module_kwargs)))
+                context = dict(dim=dim, module_index=j, LR=side, level=level, architecture=self.architecture)
+                blocks.append(wrap(create_module_fn(self.channels[level], **context, **module_kwargs)))
                 if mixing and channel_mixing_freq > 0 and (j + 1) % channel_mixing_freq == 0:
                     blocks.append(wrap(self._mixing(level, channel_mixing_method, channel_mixing_kwargs)))
             return blocks
@@ -114,7 +124,7 @@ class iUNet(nn.Module):
         self.encoder_levels = nn.ModuleList()
         self.decoder_levels = nn.ModuleList()
         for level in range(self.num_levels):
-            encoder, decoder = level_blocks(level), level_blocks(level)
+            encoder, decoder = level_blocks(level, "L"), level_blocks(level, "R")
             if mixing and channel_mixing_freq == -1 and level < self.num_levels - 1:
                 # one mixing per level: before the split, mirrored right after the merge
                 encoder.append(wrap(self._mixing(level, channel_mixing_method, channel_mixing_kwargs)))
@@ -146,14 +156,45 @@ class iUNet(nn.Module):
         """x: (B, in_channels, *S) -> (B, in_channels, *S); padded internally if needed."""
         padded, amounts = self._pad(x)
         y = self._decode(self._encode(padded))
-        return crop_padding(y, amounts) if self.revert_input_padding else y
+        y = crop_padding(y, amounts) if self.revert_input_padding else y
+        return self._guard_outputs(x, amounts, [y])[0]
 
     def encode(self, x: torch.Tensor) -> list[torch.Tensor]:
         """x: (B, C_0, *S) -> [skip_0 (B, k_0, *S), ..., skip_{L-2}, bottom (B, C_{L-1}, *S_{L-1})].
 
         The input is padded as in ``forward``; the codes are at the padded size.
         """
-        return self._encode(self._pad(x)[0])
+        padded, amounts = self._pad(x)
+        return self._guard_outputs(x, amounts, self._encode(padded))
+
+    def _guard_outputs(
+        self, x: torch.Tensor, padding: list[tuple[int, int]], outputs: list[torch.Tensor]
+    ) -> list[torch.Tensor]:
+        """Hand the caller aliases of the outputs and check, when backward reaches them, that the
+        caller's input was not modified in place since forward.
+
+        The reversible chain recomputes from the kept input and sets ``.grad`` on its outputs; without
+        this, an in-place change of ``x`` would give silently wrong gradients, and the caller's output
+        would carry a stray ``.grad``.
+        """
+        if self.disable_custom_gradient or not torch.is_grad_enabled():
+            return outputs
+        outputs = [output.view_as(output) for output in outputs]
+        if not any(before or after for before, after in padding):  # the first block kept the caller's x
+            version = x._version
+
+            def check_input_unchanged(grad: torch.Tensor) -> torch.Tensor:
+                if x._version != version:
+                    raise RuntimeError(
+                        "iUNet: the input tensor was modified in place after forward; its reversible backward "
+                        "recomputes from it. Pass a copy (x.clone()) if you need to change it."
+                    )
+                return grad
+
+            for output in outputs:
+                if output.requires_grad:
+                    output.register_hook(check_input_unchanged)
+        return outputs
 
     def decode(self, *codes: torch.Tensor) -> torch.Tensor:
         """The codes of ``encode`` -> (B, C_0, *S_padded). The caller's codes are left intact."""

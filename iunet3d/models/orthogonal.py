@@ -57,6 +57,12 @@ def haar_matrix(stride: Sequence[int]) -> torch.Tensor:
     return matrix
 
 
+def nearest_orthogonal(matrix: torch.Tensor) -> torch.Tensor:
+    """The orthogonal matrices closest to ``matrix`` (..., m, m) in float64 (polar factor U V^T)."""
+    u, _, vh = torch.linalg.svd(matrix.to(torch.float64))
+    return u @ vh
+
+
 def is_orthogonal(matrix: torch.Tensor, tolerance: float = 1e-5) -> bool:
     """Whether every (m, m) matrix in ``matrix`` (..., m, m) is orthogonal within ``tolerance``."""
     eye = torch.eye(matrix.shape[-1], dtype=matrix.dtype)
@@ -81,6 +87,10 @@ class OrthogonalMatrices(nn.Module):
         if method not in ORTHOGONAL_METHODS:
             raise ValueError(f"orthogonal method must be one of {ORTHOGONAL_METHODS}, got {method!r}")
         size = initial.shape[-1]
+        if initial.dim() == 3 and initial.shape[0] not in (1, count):
+            raise ValueError(
+                f"need {count} initial ({size}, {size}) matrices (one per channel), got {initial.shape[0]}"
+            )
         # float64, cast at use: a float32 copy would not be orthogonal to float64 precision.
         initial = initial.to(torch.float64).expand(count, size, size).clone()
         self.method = method
@@ -94,5 +104,8 @@ class OrthogonalMatrices(nn.Module):
         """The matrices: (count, size, size), in ``dtype`` (default: the parameter's)."""
         if self.weight is None:
             return self.initial.to(dtype or self.initial.dtype)
-        rotation = orthogonal_from_skew(skew_symmetric(self.weight), self.method)
-        return (rotation @ self.initial.to(rotation.dtype)).to(dtype or rotation.dtype)
+        weight = self.weight
+        if weight.dtype in (torch.float16, torch.bfloat16):  # no half-precision matrix_exp / solve
+            weight = weight.float()
+        rotation = orthogonal_from_skew(skew_symmetric(weight), self.method)
+        return (rotation @ self.initial.to(rotation.dtype)).to(dtype or self.weight.dtype)

@@ -35,8 +35,12 @@ def pad_to_multiple(
     flat = [p for before_after in reversed(amounts) for p in before_after]  # F.pad: last axis first
     if mode == "constant":
         return F.pad(x, flat, mode="constant", value=value), amounts
-    if mode == "reflect" and any(max(ba) >= s for ba, s in zip(amounts, spatial, strict=True)):
-        raise ValueError(f"padding_mode='reflect' needs each padding smaller than the size, got {tuple(spatial)}")
+    too_large = {"reflect": lambda pad, size: pad >= size, "circular": lambda pad, size: pad > size}.get(mode)
+    if too_large and any(too_large(max(ba), s) for ba, s in zip(amounts, spatial, strict=True)):
+        raise ValueError(
+            f"padding_mode={mode!r} cannot pad spatial shape {tuple(spatial)} to multiples of {tuple(factors)}: "
+            "the padding exceeds the size; use 'constant' or 'replicate'"
+        )
     return F.pad(x, flat, mode=mode), amounts
 
 

@@ -10,11 +10,12 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from iunet3d.models.orthogonal import OrthogonalMatrices, haar_matrix, is_orthogonal
+from iunet3d.models.orthogonal import OrthogonalMatrices, haar_matrix, is_orthogonal, nearest_orthogonal
 
 RESAMPLING_INITS = ("haar", "squeeze", "pixel_shuffle")
 _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
@@ -24,6 +25,8 @@ _CONV_TRANSPOSE = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_trans
 def initial_resampling_matrix(init: str | torch.Tensor, stride: Sequence[int]) -> torch.Tensor:
     """The initial (m, m) or (C, m, m) orthogonal matrix for ``init`` and ``stride``."""
     size = math.prod(stride)
+    if isinstance(init, np.ndarray):
+        init = torch.from_numpy(init)
     if isinstance(init, torch.Tensor):
         if init.shape[-2:] != (size, size) or init.dim() not in (2, 3):
             raise ValueError(
@@ -32,7 +35,7 @@ def initial_resampling_matrix(init: str | torch.Tensor, stride: Sequence[int]) -
             )
         if not is_orthogonal(init.double()):
             raise ValueError("resampling_init tensor must be orthogonal (Q @ Q.T == I)")
-        return init.detach().double()
+        return nearest_orthogonal(init.detach())  # e.g. a float32 QR factor, made exact in float64
     if init == "haar":
         return haar_matrix(stride)
     if init in ("squeeze", "pixel_shuffle"):
@@ -42,7 +45,7 @@ def initial_resampling_matrix(init: str | torch.Tensor, stride: Sequence[int]) -
 
 def per_axis_stride(stride: int | Sequence[int], dim: int | None) -> tuple[int, ...]:
     """``stride`` as a tuple of 1 to 3 ints (of length ``dim`` when given)."""
-    if isinstance(stride, int):
+    if isinstance(stride, int) and not isinstance(stride, bool):
         if dim is None:
             raise ValueError(f"stride={stride} is an int: give a per-axis tuple or use a 1D/2D/3D class")
         stride = (stride,) * dim
@@ -60,7 +63,7 @@ class _OrthogonalResampling(nn.Module):
     def __init__(
         self,
         in_channels: int,
-        stride: Sequence[int],
+        stride: int | Sequence[int] = 2,
         method: str = "cayley",
         init: str | torch.Tensor = "haar",
         learnable: bool = True,
@@ -117,7 +120,7 @@ class InvertibleUpsampling(_OrthogonalResampling):
     ``in_channels`` (C*m) must be divisible by m = prod(stride).
     """
 
-    def __init__(self, in_channels, stride, method="cayley", init="haar", learnable=True):
+    def __init__(self, in_channels, stride=2, method="cayley", init="haar", learnable=True):
         factor = math.prod(per_axis_stride(stride, self.fixed_dim))
         if in_channels % factor:
             raise ValueError(f"in_channels={in_channels} of upsampling must be divisible by prod(stride)={factor}")
