@@ -29,8 +29,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    return args.handler(args)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.handler(args)
+    except ValueError as error:  # user errors: one clear line, no traceback
+        parser.exit(2, f"iunet3d: error: {error}\n")
 
 
 if __name__ == "__main__":

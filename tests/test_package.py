@@ -59,3 +59,11 @@ def test_memcnn_deprecation_warnings_are_filtered_but_others_are_not():
     assert "custom_fwd" not in result.stderr and "custom_bwd" not in result.stderr
     assert "TypedStorage" not in result.stderr
     assert "a user warning still shows" in result.stderr
+
+
+def test_cli_reports_bad_arguments_without_traceback():
+    result = subprocess.run([sys.executable, "-m", "iunet3d", "bench", "memory", "--depths", "2"],
+                            capture_output=True, text=True)  # fmt: skip
+    assert result.returncode == 2
+    assert "iunet3d: error: --depths: depth 2 must be >= levels=3" in result.stderr
+    assert "Traceback" not in result.stderr

@@ -38,7 +38,7 @@ class CaseResult:
 def spread_depth(depth: int, levels: int) -> list[int]:
     """Couplings per level summing to ``depth``, as even as possible (extra ones at the top)."""
     if depth < levels:
-        raise ValueError(f"depth={depth} must be >= levels={levels} (every level needs a coupling)")
+        raise ValueError(f"--depths: depth {depth} must be >= levels={levels} (every level needs a coupling)")
     return [depth // levels + (1 if i < depth % levels else 0) for i in range(levels)]
 
 
@@ -195,11 +195,11 @@ def measure_depth(args: argparse.Namespace, depth: int) -> list[CaseResult]:
 def cpu_convolution_regime(channels: int, levels: int, size: int) -> str:
     """Which CPU path PyTorch takes for the coupling convolutions per level (batch 1): oneDNN when
     N*C*D*H > 20480, else its slower im2col path (hazards.md); the same for both modes."""
-    from iunet3d import iUNet
+    from iunet3d.models.layout import plan_channels
 
-    plan = iUNet(channels, [1] * levels, dim=3).channels
+    plan = plan_channels(channels, [(2, 2, 2)] * (levels - 1), "double")
     parts = []
-    for level, level_channels in enumerate(plan):
+    for level, level_channels in enumerate(plan.channels):
         edge = size // 2**level
         work = (level_channels // 2) * edge * edge
         parts.append(f"level {level}: {'oneDNN' if work > 20480 else 'im2col'} (N*C*D*H={work})")
@@ -237,7 +237,12 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     if args.device.startswith("cuda") and not torch.cuda.is_available():
-        raise SystemExit("bench memory: --device cuda requested but torch.cuda.is_available() is False")
+        raise ValueError("--device cuda requested but torch.cuda.is_available() is False")
+    for name in ("channels", "levels", "size", "steps"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name} must be >= 1, got {getattr(args, name)}")
+    for depth in args.depths:
+        spread_depth(depth, args.levels)  # fails early, naming --depths
     device_name = torch.cuda.get_device_name(args.device) if args.device.startswith("cuda") else "CPU"
     header = (
         f"iUNet memory benchmark: device={args.device} ({device_name}), float32, input 1x{args.channels}x"
