@@ -67,3 +67,12 @@ def test_cli_reports_bad_arguments_without_traceback():
     assert result.returncode == 2
     assert "iunet3d: error: --depths: depth 2 must be >= levels=3" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_ruff_clean():
+    """House rule: ruff lint and format clean (ruff comes with the dev extra)."""
+    root = PACKAGE.parent
+    ruff = pathlib.Path(sys.executable).parent / "ruff"
+    for args in (["check", "."], ["format", "--check", "."]):
+        result = subprocess.run([str(ruff), *args], cwd=root, capture_output=True, text=True)
+        assert result.returncode == 0, result.stdout + result.stderr
