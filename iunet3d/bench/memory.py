@@ -125,10 +125,11 @@ def serve_step_times(depth: int, mode: str, channels: int, levels: int, size: in
     x = torch.randn(1, channels, size, size, size, device=device)
     _training_step(model, x)  # warm-up
     print("ready", flush=True)
-    for command in sys.stdin:
-        if command.strip() == "step":
+    for line in sys.stdin:
+        command = line.strip()
+        if command == "step":
             print(_training_step(model, x), flush=True)
-        elif command.strip() == "error":
+        elif command == "error":
             with torch.no_grad():
                 print(float((model.inverse(model(x)) - x).norm() / x.norm()), flush=True)
 
@@ -159,7 +160,7 @@ def measure_step_times(args: argparse.Namespace, depth: int) -> dict:
 def _read_line(worker: subprocess.Popen, depth: int, mode: str) -> str:
     line = worker.stdout.readline()
     if not line:
-        raise RuntimeError(f"benchmark timing worker depth={depth} {mode} failed:\n{worker.stderr.read()[-3000:]}")
+        raise RuntimeError(f"benchmark worker depth={depth} {mode} failed:\n{worker.stderr.read()[-3000:]}")
     return line.strip()
 
 
@@ -236,23 +237,24 @@ def run(args: argparse.Namespace) -> int:
     """Entry point of ``iunet3d bench memory``."""
     import torch
 
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
+    cuda = args.device.startswith("cuda")
+    if cuda and not torch.cuda.is_available():
         raise ValueError("--device cuda requested but torch.cuda.is_available() is False")
     for name in ("channels", "levels", "size", "steps"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name} must be >= 1, got {getattr(args, name)}")
     for depth in args.depths:
         spread_depth(depth, args.levels)  # fails early, naming --depths
-    device_name = torch.cuda.get_device_name(args.device) if args.device.startswith("cuda") else "CPU"
+    device_name = torch.cuda.get_device_name(args.device) if cuda else "CPU"
     header = (
         f"iUNet memory benchmark: device={args.device} ({device_name}), float32, input 1x{args.channels}x"
         f"{args.size}^3, {args.levels} levels, stride 2, one forward+backward per step "
         f"(time: median of {args.steps}), torch {torch.__version__}, {torch.get_num_threads()} threads; "
-        + ("peak = torch.cuda.max_memory_allocated above baseline" if args.device.startswith("cuda")
+        + ("peak = torch.cuda.max_memory_allocated above baseline" if cuda
            else "peak = RSS high-water mark above the built-model baseline, MALLOC_MMAP_THRESHOLD_=65536; "
                 "step times from one process per mode with the default allocator, stepped alternately")
     )  # fmt: skip
-    if not args.device.startswith("cuda"):
+    if not cuda:
         header += "\n" + cpu_convolution_regime(args.channels, args.levels, args.size)
     results = []
     for depth in args.depths:
