@@ -31,6 +31,17 @@ def test_models_import_nothing_of_data_train_infer_zarr_torchio_wandb():
                 assert not name.startswith("torch.distributed"), f"{path.name} imports {name} (DDP)"
 
 
+def test_data_tools_import_neither_torch_nor_the_model():
+    """Conversion workers stay light: the store, conversion, synthetic CT and the CLI parser need no torch."""
+    code = (
+        "import sys, iunet3d, iunet3d.data, iunet3d.data.synth, iunet3d.data.image_files, iunet3d.cli\n"
+        "iunet3d.cli.build_parser()\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'memcnn', 'torchio', 'wandb')))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "[]"
+
+
 def test_python_dash_m_runs_the_cli():
     result = subprocess.run([sys.executable, "-m", "iunet3d", "bench", "memory", "--help"],
                             capture_output=True, text=True)  # fmt: skip
