@@ -16,15 +16,36 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"iunet3d {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
+    from iunet3d.data import commands as data_commands
+
+    for name, help_text, add_arguments, handler in (
+        ("convert", "convert NIfTI/NRRD/MHA/DICOM CT (and labels) into a Zarr dataset",
+         data_commands.add_convert_arguments, data_commands.run_convert),
+        ("synth", "write CT-like synthetic cases with labels (the built-in dataset)",
+         data_commands.add_synth_arguments, data_commands.run_synth),
+        ("export", "write a stored case (or its label) back to NIfTI/NRRD/MHA with its original geometry",
+         data_commands.add_export_arguments, data_commands.run_export),
+        ("info", "summarise a dataset: classes, cases, spacing and intensity statistics",
+         data_commands.add_info_arguments, data_commands.run_info),
+    ):  # fmt: skip
+        command = commands.add_parser(name, help=help_text, description=help_text)
+        add_arguments(command)
+        command.set_defaults(handler=handler)
+
     bench = commands.add_parser("bench", help="benchmarks that print side-by-side tables")
     benchmarks = bench.add_subparsers(dest="benchmark", required=True, metavar="BENCHMARK")
-    from iunet3d.bench import memory
+    from iunet3d.bench import memory, read
 
     memory_parser = benchmarks.add_parser(
         "memory", help="conventional vs reversible peak training memory and step time over depth"
     )
     memory.add_arguments(memory_parser)
     memory_parser.set_defaults(handler=memory.run)
+    read_parser = benchmarks.add_parser(
+        "read", help="random region reads from a CT volume in Zarr: our chunking and codec vs zarr's defaults"
+    )
+    read.add_arguments(read_parser)
+    read_parser.set_defaults(handler=read.run)
     return parser
 
 
