@@ -56,6 +56,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return args.handler(args)
     except ValueError as error:  # user errors: one clear line, no traceback
         parser.exit(2, f"iunet3d: error: {error}\n")
+    except OSError as error:  # e.g. a path that cannot be created or written
+        parser.exit(2, f"iunet3d: error: {error}\n")
 
 
 if __name__ == "__main__":

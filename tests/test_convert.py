@@ -15,11 +15,12 @@ from data_helpers import oblique_affine, random_ct, save_nifti, write_dicom_seri
 from ome_zarr_models.v05 import Image, ImageLabel
 
 from iunet3d.data import CaseJob, DataError, export_case, open_dataset, pair_case_files, run_conversion
+from iunet3d.data.dataset_root import dataset_lock
 
 SHAPE_IJK = (20, 26, 18)  # file order; axis i is the coarse one
 
 
-def convert_one(tmp_path, image, label=None, case="c1", classes=None):
+def convert_one(tmp_path, image, label=None, case="c1", classes=None):  # raises the case's error
     report = run_conversion([CaseJob(case, image, label)], tmp_path / "ds", class_names=classes, progress=False)
     if report.failed:
         raise DataError(report.failed[case])
@@ -228,3 +229,72 @@ def test_a_killed_conversion_leaves_no_complete_looking_case(tmp_path):
     report = run_conversion([CaseJob("big", tmp_path / "big.nii")], tmp_path / "ds", progress=False)
     assert report.converted == ["big"] and not (tmp_path / "ds" / ".partial").exists()
     np.testing.assert_array_equal(open_dataset(tmp_path / "ds").case("big").image_array[...], image)
+
+
+def test_a_second_writer_is_refused_while_a_conversion_holds_the_dataset(tmp_path):
+    image, _ = random_ct((10, 12, 14))
+    _write(tmp_path / "img.nii.gz", image)
+    convert_one(tmp_path, tmp_path / "img.nii.gz")
+    with dataset_lock(tmp_path / "ds"), pytest.raises(DataError, match="another conversion is writing"):
+        run_conversion([CaseJob("c2", tmp_path / "img.nii.gz")], tmp_path / "ds", progress=False)
+    assert open_dataset(tmp_path / "ds").case_names == ["c1"]
+
+
+def test_class_names_given_later_must_cover_the_stored_labels(tmp_path):
+    image, label = random_ct((10, 12, 14))  # label values 0..3
+    _write(tmp_path / "img.nii.gz", image)
+    _write(tmp_path / "lab.nii.gz", label)
+    convert_one(tmp_path, tmp_path / "img.nii.gz", tmp_path / "lab.nii.gz")
+    with pytest.raises(DataError, match="--classes: 2 names .* case c1 .* already holds label value 3"):
+        convert_one(tmp_path, tmp_path / "img.nii.gz", case="c2", classes=["background", "liver"])
+
+
+def test_a_bad_case_name_fails_only_that_case(tmp_path):
+    images, labels = _batch(tmp_path, count=2)
+    (images / "pt 7_0000.nii.gz").write_bytes((images / "case0_0000.nii.gz").read_bytes())
+    (labels / "pt 7.nii.gz").write_bytes((labels / "case0.nii.gz").read_bytes())
+    jobs, _ = pair_case_files(images, labels)
+    report = run_conversion(jobs, tmp_path / "ds", progress=False)
+    assert sorted(report.converted) == ["case0", "case1"]
+    assert list(report.failed) == ["pt 7"] and "case name 'pt 7'" in report.failed["pt 7"]
+
+
+def test_ambiguous_or_damaged_nifti_headers_are_refused(tmp_path):
+    image, label = random_ct((10, 12, 14))
+    nifti = nib.Nifti1Image(image, oblique_affine())
+    nifti.set_qform(np.diag([2.5, 0.7, 0.8, 1.0]), code=1)  # qform says axis-aligned, sform oblique
+    nifti.set_sform(oblique_affine(), code=2)
+    nib.save(nifti, tmp_path / "ambiguous.nii.gz")
+    with pytest.raises(
+        DataError, match=r"ambiguous.nii.gz: ambiguous NIfTI orientation \(sform_code=2, qform_code=1\)"
+    ):
+        convert_one(tmp_path, tmp_path / "ambiguous.nii.gz")
+    nib.save(nib.Nifti1Image(image, np.eye(4)), tmp_path / "plain.nii")
+    (tmp_path / "plain.nii").rename(tmp_path / "not_gzipped.nii.gz")  # readable by ITK, misnamed
+    with pytest.raises(DataError, match="not_gzipped.nii.gz: cannot check the NIfTI header"):
+        convert_one(tmp_path, tmp_path / "not_gzipped.nii.gz")
+    nan_label = label.astype(np.float32)
+    nan_label[0, 0, 0] = np.nan  # ITK would read it as 0
+    save_nifti(tmp_path / "img.nii.gz", image, np.eye(4))
+    save_nifti(tmp_path / "nan_label.nii.gz", nan_label, np.eye(4))
+    with pytest.raises(DataError, match=r"nan_label.nii.gz: label has NaN/inf values \(1 voxels\)"):
+        convert_one(tmp_path, tmp_path / "img.nii.gz", tmp_path / "nan_label.nii.gz")
+
+
+def test_other_formats_simpleitk_reads_convert_too(tmp_path):
+    image, _ = random_ct((10, 12, 14))
+    _write(tmp_path / "volume.vtk", image)
+    case = convert_one(tmp_path, tmp_path / "volume.vtk").case("c1")
+    np.testing.assert_array_equal(case.image_array[...], image)
+
+
+def test_cli_output_path_problems_are_one_line_errors(tmp_path):
+    image, _ = random_ct((10, 12, 14))
+    _write(tmp_path / "img.nii.gz", image)
+    (tmp_path / "a_file").write_text("x")
+    for out in (tmp_path / "a_file", tmp_path / "a_file" / "sub"):
+        result = subprocess.run(
+            [sys.executable, "-m", "iunet3d", "convert", "--image", str(tmp_path / "img.nii.gz"), "--case", "c",
+             "--out", str(out), "--no-progress"], capture_output=True, text=True)  # fmt: skip
+        assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+        assert f"{out}: " in result.stderr and len(result.stderr.strip().splitlines()) == 1

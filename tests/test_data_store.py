@@ -171,6 +171,18 @@ def test_class_location_sampling_is_uniform_across_slabs():
     assert abs(np.mean(z[z < 96]) - 47.5) < 2.0
 
 
+def test_pad_values_the_voxel_type_cannot_hold_are_refused(dataset):
+    case = open_dataset(dataset[0]).case("case_a")
+    for read, value in (
+        (case.read_label, -1),
+        (case.read_label, 300),
+        (case.read_image, 40000),
+        (case.read_image, 0.5),
+    ):
+        with pytest.raises(DataError, match=f"pad_value {value!r}: expected an integer"):
+            read((-2, 0, 0), (4, 4, 4), pad_value=value)
+
+
 def test_cases_pickle_for_dataloader_workers(dataset):
     root, image, _ = dataset
     case = pickle.loads(pickle.dumps(open_dataset(root).case("case_a")))

@@ -59,7 +59,7 @@ def check_case_name(name: str) -> str:
 def is_complete_case(path: Path) -> bool:
     """True when ``path`` holds a case whose writing finished."""
     metadata = path / "zarr.json"
-    if not metadata.is_file():
+    if not metadata.is_file() or not (path / "0" / "zarr.json").is_file():
         return False
     try:
         attributes = zarr.open_group(path, mode="r").attrs.asdict()
@@ -80,8 +80,9 @@ def _check_volume(name: str, volume: CaseVolume, class_names: Sequence[str] | No
     if class_names is not None:
         top = int(volume.label.max(initial=0))
         if top >= len(class_names):
+            label_file = volume.source.get("label", "label")
             raise DataError(
-                f"case {name}: label value {top} but the dataset has {len(class_names)} classes "
+                f"case {name} ({label_file}): label value {top} but the dataset has {len(class_names)} classes "
                 f"({', '.join(class_names)}); pass --classes with a name for every label value"
             )
 

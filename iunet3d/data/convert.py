@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import time
 import traceback
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -18,13 +19,14 @@ from pathlib import Path
 from tqdm import tqdm
 
 from iunet3d.data.case_writer import CaseVolume, check_case_name, is_complete_case, write_case
-from iunet3d.data.dataset_root import prepare_dataset, refresh_dataset
+from iunet3d.data.dataset_root import create_dataset_directory, dataset_lock, prepare_dataset, refresh_dataset
 from iunet3d.data.errors import DataError
 from iunet3d.data.image_files import split_suffix
 from iunet3d.data.orientation import Geometry
 from iunet3d.data.storage import StorageOptions
 
 NNUNET_CHANNEL_SUFFIX = "_0000"
+REFRESH_EVERY_S = 60.0  # the root's case list is rebuilt this often during a long conversion
 
 
 @dataclass(frozen=True)
@@ -129,28 +131,51 @@ def run_conversion(
     options = options or StorageOptions()
     if workers < 1:
         raise DataError(f"--workers: expected a positive integer, got {workers}")
-    for job in jobs:
-        check_case_name(job.case)
-    class_names = prepare_dataset(dataset, class_names)
     report = ConversionReport()
-    complete = {job.case for job in jobs if is_complete_case(dataset / job.case)}
-    report.skipped = [job.case for job in jobs if job.case in complete]
-    todo = [job for job in jobs if job.case not in complete]
+    jobs = [job for job in jobs if _valid_name(job, report)]
+    create_dataset_directory(dataset)
+    with dataset_lock(dataset):
+        class_names = prepare_dataset(dataset, class_names)
+        complete = {job.case for job in jobs if is_complete_case(dataset / job.case)}
+        report.skipped = [job.case for job in jobs if job.case in complete]
+        todo = [job for job in jobs if job.case not in complete]
+        _convert_all(todo, dataset, class_names, options, workers, progress, report)
+    return report
+
+
+def _valid_name(job: CaseJob, report: ConversionReport) -> bool:
+    try:
+        check_case_name(job.case)
+        return True
+    except DataError as error:
+        report.failed[job.case] = f"{job.image}: {error}"
+        return False
+
+
+def _convert_all(todo, dataset, class_names, options, workers, progress, report) -> None:
     bar = tqdm(total=len(todo), unit="case", desc=f"writing {dataset.name}", disable=not progress or not todo)
+    last_refresh = time.monotonic()
+
+    def record(case: str, outcome) -> None:
+        nonlocal last_refresh
+        _record(report, case, outcome, bar)
+        if time.monotonic() - last_refresh > REFRESH_EVERY_S:  # keep the case list current on long runs
+            refresh_dataset(dataset)
+            last_refresh = time.monotonic()
+
     try:
         if workers == 1 or len(todo) <= 1:
             for job in todo:
-                _record(report, job.case, lambda job=job: convert_case(job, dataset, class_names, options), bar)
+                record(job.case, lambda job=job: convert_case(job, dataset, class_names, options))
         else:
             context = multiprocessing.get_context("spawn")  # no inherited threads or open stores
             with ProcessPoolExecutor(max_workers=min(workers, len(todo)), mp_context=context) as pool:
                 futures = {pool.submit(convert_case, job, dataset, class_names, options): job for job in todo}
                 for future in as_completed(futures):
-                    _record(report, futures[future].case, future.result, bar)
+                    record(futures[future].case, future.result)
     finally:
         bar.close()
         report.dataset = refresh_dataset(dataset)
-    return report
 
 
 def _record(report: ConversionReport, case: str, outcome, bar) -> None:

@@ -7,10 +7,12 @@ so a conversion killed between writing a case and updating the root loses nothin
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import shutil
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -42,15 +44,45 @@ def _read_root(path: Path) -> dict | None:
     return info
 
 
+LOCK_FILE = ".lock"
+
+
+def create_dataset_directory(path: Path) -> None:
+    """Make ``path`` (an existing dataset or a new or empty directory) ready to hold a dataset."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise DataError(f"{path}: cannot create the dataset directory ({error.strerror})") from None
+    if not (path / "zarr.json").exists() and any(p.name != LOCK_FILE for p in path.iterdir()):
+        raise DataError(f"{path}: directory exists, is not empty and is not an iunet3d dataset")
+
+
+@contextlib.contextmanager
+def dataset_lock(path: Path) -> Iterator[None]:
+    """Exclusive right to write ``path`` for one process; a second writer fails at once."""
+    with open(path / LOCK_FILE, "a") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise DataError(f"{path}: another conversion is writing to this dataset; wait for it to finish") from None
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def complete_case_paths(path: Path) -> list[Path]:
+    return sorted(p for p in path.iterdir() if p.is_dir() and not p.name.startswith(".") and is_complete_case(p))
+
+
 def prepare_dataset(path: Path, class_names: Sequence[str] | None) -> list[str] | None:
     """Create the dataset at ``path`` if needed and remove leftovers of interrupted conversions.
 
-    Returns the class names to convert with: the given ones (which must agree with the dataset's),
-    or the dataset's, or None when neither is known (then they follow from the label values).
+    Call it holding :func:`dataset_lock`. Returns the class names to convert with: the given ones
+    (which must agree with the dataset's and cover its stored labels), or the dataset's, or None when
+    neither is known (then they follow from the label values).
     """
-    path.mkdir(parents=True, exist_ok=True)
-    if not (path / "zarr.json").exists() and any(path.iterdir()):
-        raise DataError(f"{path}: directory exists, is not empty and is not an iunet3d dataset")
+    create_dataset_directory(path)
     info = _read_root(path) or {"kind": DATASET_KIND, "cases": []}
     known = info.get("class_names") if info.get("class_names_given") else None
     if class_names is not None:
@@ -59,6 +91,13 @@ def prepare_dataset(path: Path, class_names: Sequence[str] | None) -> list[str] 
             raise DataError(f"--classes: names must be distinct and non-empty, got {class_names}")
         if known and known != class_names:
             raise DataError(f"--classes {class_names} differ from the dataset's class names {known} ({path})")
+        for case_path in complete_case_paths(path) if not known else []:
+            max_label = CTCase(case_path).info.get("max_label") or 0
+            if max_label >= len(class_names):
+                raise DataError(
+                    f"--classes: {len(class_names)} names ({', '.join(class_names)}) but case {case_path.name} "
+                    f"of {path} already holds label value {max_label}"
+                )
         info["class_names"], info["class_names_given"] = class_names, True
     if not (path / "zarr.json").exists() or class_names is not None:
         _write_root(path, info)
@@ -69,7 +108,7 @@ def prepare_dataset(path: Path, class_names: Sequence[str] | None) -> list[str] 
 def refresh_dataset(path: Path) -> dict:
     """Rebuild the root attributes from all complete cases; returns them."""
     info = _read_root(path) or {"kind": DATASET_KIND}
-    cases = sorted(p for p in path.iterdir() if p.is_dir() and not p.name.startswith(".") and is_complete_case(p))
+    cases = complete_case_paths(path)
     entries, samples, max_label = [], [], 0
     for case_path in cases:
         case = CTCase(case_path)

@@ -62,24 +62,62 @@ def read_volume(path: Path, what: str) -> sitk.Image:
         reason = str(error).strip().splitlines()[-1] if str(error).strip() else "unknown error"
         raise DataError(f"{path}: cannot read {what} ({reason})") from None
     size = image.GetSize()
-    if image.GetDimension() != 3 or min(size) < 2:
+    if image.GetDimension() != 3:
         raise DataError(f"{path}: {what} is {'x'.join(map(str, size))} ({image.GetDimension()}D); expected a 3D volume")
+    if min(size) < 2:
+        raise DataError(f"{path}: {what} is {'x'.join(map(str, size))}, a single slice; expected a 3D volume")
     if image.GetNumberOfComponentsPerPixel() != 1:
         raise DataError(f"{path}: {what} has {image.GetNumberOfComponentsPerPixel()} components per voxel; expected 1")
     return image
 
 
-def _count_nonfinite_nifti(path: Path) -> int:
-    """ITK's NIfTI reader silently turns NaN and inf into 0, so float NIfTI files are checked with nibabel."""
+def _is_nifti(path: Path) -> bool:
+    return path.is_file() and path.name.lower().endswith((".nii", ".nii.gz"))
+
+
+def _sitk_affine_ras(image: sitk.Image) -> np.ndarray:
+    """4x4 index (i, j, k) -> RAS mm, as SimpleITK placed the volume (ITK works in LPS)."""
+    lps_to_ras = np.diag([-1.0, -1.0, 1.0])
+    affine = np.eye(4)
+    direction = np.asarray(image.GetDirection()).reshape(3, 3)
+    affine[:3, :3] = lps_to_ras @ direction @ np.diag(image.GetSpacing())
+    affine[:3, 3] = lps_to_ras @ np.asarray(image.GetOrigin())
+    return affine
+
+
+def check_nifti(path: Path, image: sitk.Image, what: str) -> None:
+    """Checks ITK's NIfTI reader cannot make: non-finite voxels and an ambiguous header.
+
+    ITK silently turns NaN and inf into 0, and where sform and qform disagree it may take the qform
+    while nibabel and most viewers take the sform; both would convert without error into wrong data.
+    """
     import nibabel
 
-    image = nibabel.load(str(path))
-    if image.get_data_dtype().kind != "f" or len(image.shape) != 3:
-        return 0
-    return sum(
-        int(np.count_nonzero(~np.isfinite(np.asarray(image.dataobj[..., k : k + SLAB]))))
-        for k in range(0, image.shape[2], SLAB)
+    try:
+        nifti = nibabel.load(str(path))
+        header_affine = nifti.affine
+    except Exception as error:
+        raise DataError(f"{path}: cannot check the NIfTI header of this {what} ({error})") from None
+    if not np.allclose(header_affine, _sitk_affine_ras(image), atol=1e-3, rtol=0):
+        sform_code, qform_code = (int(nifti.header[key]) for key in ("sform_code", "qform_code"))
+        if sform_code == qform_code == 0:
+            raise DataError(
+                f"{path}: the NIfTI header has no orientation (sform_code = qform_code = 0), so readers place "
+                "this volume differently; set a qform or sform (nibabel: img.set_qform(affine, code=1))"
+            )
+        raise DataError(
+            f"{path}: ambiguous NIfTI orientation (sform_code={sform_code}, qform_code={qform_code}): the sform and "
+            "qform disagree or the sform is not a rotation with scaling, so readers place this volume differently; "
+            "make them agree (nibabel: img.set_qform(img.get_sform())) and convert again"
+        )
+    if nifti.get_data_dtype().kind != "f":
+        return
+    bad = sum(
+        int(np.count_nonzero(~np.isfinite(np.asarray(nifti.dataobj[:, :, k : k + SLAB]))))
+        for k in range(0, nifti.shape[2], SLAB)
     )
+    if bad:
+        raise DataError(f"{path}: {what} has NaN/inf values ({bad} voxels)")
 
 
 def _intensities_as_int16(array: np.ndarray, path: Path) -> tuple[np.ndarray, bool]:
@@ -146,10 +184,8 @@ def _geometry(image: sitk.Image) -> Geometry:
 def load_case(image_path: Path, label_path: Path | None) -> CaseVolume:
     """Read, check and reorient one case (image and optional label) into canonical (z, y, x) arrays."""
     image = read_volume(image_path, "image")
-    if Path(image_path).is_file() and split_suffix(Path(image_path).name)[1] in (".nii", ".nii.gz"):
-        bad = _count_nonfinite_nifti(Path(image_path))
-        if bad:
-            raise DataError(f"{image_path}: image has NaN/inf intensities ({bad} voxels)")
+    if _is_nifti(Path(image_path)):
+        check_nifti(Path(image_path), image, "image")
     source_array = sitk.GetArrayViewFromImage(image)
     hounsfield, rounded = _intensities_as_int16(source_array, Path(image_path))
     if hounsfield is source_array:  # a view of SimpleITK's buffer must not outlive ``image``
@@ -166,6 +202,8 @@ def load_case(image_path: Path, label_path: Path | None) -> CaseVolume:
     labels = None
     if label_path is not None:
         label = read_volume(label_path, "label")
+        if _is_nifti(Path(label_path)):
+            check_nifti(Path(label_path), label, "label")
         _check_same_grid(image, label, Path(image_path), Path(label_path))
         label_array = sitk.GetArrayViewFromImage(label)
         classes = _labels_as_uint8(label_array, Path(label_path))
@@ -190,8 +228,10 @@ def write_volume(array_zyx: np.ndarray, source: dict, dtype: str, path: Path) ->
     image.SetSpacing(geometry.spacing)
     image.SetOrigin(geometry.origin)
     image.SetDirection(geometry.direction)
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
     try:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
         sitk.WriteImage(image, str(path), useCompression=True)
+    except OSError as error:
+        raise DataError(f"{path}: cannot write ({error.strerror})") from None
     except RuntimeError as error:
         raise DataError(f"{path}: cannot write ({str(error).strip().splitlines()[-1]})") from None

@@ -139,6 +139,17 @@ def region_slices(
     return tuple(inside), tuple(target)
 
 
+def _check_pad_value(pad_value: float | int, dtype: np.dtype) -> None:
+    """The padding must be exactly representable in the array's voxel type (no silent wrap or rounding)."""
+    if np.dtype(dtype).kind in "iu":
+        info = np.iinfo(dtype)
+        value = float(pad_value)
+        if not (np.isfinite(value) and value == int(value) and info.min <= value <= info.max):
+            raise DataError(
+                f"pad_value {pad_value!r}: expected an integer in {info.min}..{info.max} for {dtype} voxels"
+            )
+
+
 def read_region(array: zarr.Array, start: Sequence[int], size: Sequence[int], pad_value: float | int) -> np.ndarray:
     """Read region ``[start, start + size)`` of a (z, y, x) array; voxels outside it are ``pad_value``.
 
@@ -151,6 +162,7 @@ def read_region(array: zarr.Array, start: Sequence[int], size: Sequence[int], pa
         raise DataError(f"region start {start} and size {size} must have {array.ndim} entries (z, y, x)")
     if min(size) < 1:
         raise DataError(f"region size must be positive along every axis, got {size}")
+    _check_pad_value(pad_value, array.dtype)
     overlap = region_slices(array.shape, start, size)
     if overlap is not None and all(t.stop - t.start == n for t, n in zip(overlap[1], size, strict=True)):
         return np.asarray(array[overlap[0]])  # entirely inside: no padding buffer
