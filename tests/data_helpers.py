@@ -9,7 +9,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from iunet3d.data.case_writer import CaseVolume, write_case
-from iunet3d.data.dataset_root import prepare_dataset, refresh_dataset
+from iunet3d.data.dataset_root import create_dataset_directory, prepare_dataset, refresh_dataset
 from iunet3d.data.orientation import Geometry
 from iunet3d.data.storage import StorageOptions
 
@@ -83,6 +83,7 @@ def store_case(
     class_names=("background", "a", "b", "c"),
 ) -> None:
     """Write arrays straight into a dataset (no files), then refresh its root."""
+    create_dataset_directory(dataset)
     prepare_dataset(dataset, list(class_names))
     geometry = Geometry(tuple(reversed(spacing_zyx)), (0.0, 0.0, 0.0), IDENTITY)
     source = {

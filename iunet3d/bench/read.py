@@ -82,8 +82,8 @@ def read_amplification(start: Sequence[int], size: Sequence[int], chunks: Sequen
     return touched / math.prod(size)
 
 
-def write_layouts(image: np.ndarray, spacing: Sequence[float], directory: Path) -> tuple[dict, list[LayoutResult]]:
-    """Write ``image`` in both layouts under ``directory``; the arrays and their descriptions."""
+def write_layouts(image: np.ndarray, spacing: Sequence[float], directory: Path) -> list[LayoutResult]:
+    """Write ``image`` in both layouts under ``directory``; their descriptions."""
     import zarr
 
     from iunet3d.data.storage import StorageOptions, create_volume_array
@@ -98,15 +98,15 @@ def write_layouts(image: np.ndarray, spacing: Sequence[float], directory: Path) 
         array[...] = image
         return array
 
-    arrays, results = {}, []
+    results = []
     for layout, write in zip(LAYOUTS, (ours, default), strict=True):
         begin = time.perf_counter()
-        arrays[layout] = array = write()
+        array = write()
         seconds = time.perf_counter() - begin
         size = disk_bytes(directory / f"{layout}.zarr")
         ratio = round(image.nbytes / size, 3)
         results.append(LayoutResult(layout, list(array.chunks), describe_codecs(array), round(seconds, 3), size, ratio))
-    return arrays, results
+    return results
 
 
 def active_variants() -> list[str]:
@@ -242,7 +242,7 @@ def run(args: argparse.Namespace) -> int:
     with scratch as where:
         directory = Path(where)
         directory.mkdir(parents=True, exist_ok=True)
-        _, layouts = write_layouts(image, args.spacing, directory)
+        layouts = write_layouts(image, args.spacing, directory)
         rng = np.random.default_rng(args.seed)
         reads = []
         for edge in args.sizes:

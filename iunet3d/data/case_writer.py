@@ -129,7 +129,7 @@ def write_case(
     case = zarr.open_group(partial, mode="w", zarr_format=3, attributes=ome.image_attributes(name, spacing, origin))
     create_volume_array(case, ome.LEVEL_PATH, volume.image, spacing, options, fill_value=IMAGE_FILL_HU)
     if volume.label is not None:
-        names = list(class_names) if class_names else _default_class_names(int(volume.label.max(initial=0)))
+        names = list(class_names) if class_names else default_class_names(int(volume.label.max(initial=0)))
         labels = case.create_group("labels", attributes=ome.labels_group_attributes([label_name]))
         label_group = labels.create_group(
             label_name, attributes=ome.label_image_attributes(label_name, spacing, origin, names)
@@ -162,7 +162,8 @@ def write_case(
     return summary
 
 
-def _default_class_names(max_label: int) -> list[str]:
+def default_class_names(max_label: int) -> list[str]:
+    """Names for label values 0..max_label when none were given."""
     return ["background", *(f"class_{v}" for v in range(1, max_label + 1))]
 
 

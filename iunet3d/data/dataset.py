@@ -27,7 +27,8 @@ from iunet3d.data.storage import open_volume_array, read_region
 DATASET_KIND = "iunet3d-ct-dataset"
 
 
-def _read_json(path: Path) -> dict:
+def read_json_metadata(path: Path) -> dict:
+    """A zarr.json as a dict; FileNotFoundError when absent, DataError when unreadable."""
     try:
         return json.loads(path.read_text())
     except FileNotFoundError:
@@ -45,7 +46,7 @@ class CTCase:
     def __init__(self, path: Path | str):
         self.path = Path(path)
         try:
-            attributes = _read_json(self.path / "zarr.json").get("attributes", {})
+            attributes = read_json_metadata(self.path / "zarr.json").get("attributes", {})
         except FileNotFoundError:
             raise DataError(f"{self.path}: no such case (no zarr.json)") from None
         info = attributes.get("iunet3d")
@@ -152,7 +153,7 @@ class CTDataset:
         if not self.path.is_dir():
             raise DataError(f"{self.path}: no such dataset directory")
         try:
-            attributes = _read_json(self.path / "zarr.json").get("attributes", {})
+            attributes = read_json_metadata(self.path / "zarr.json").get("attributes", {})
         except FileNotFoundError:
             attributes = {}
         info = attributes.get("iunet3d", {})

@@ -18,8 +18,8 @@ from pathlib import Path
 import numpy as np
 import zarr
 
-from iunet3d.data.case_writer import PARTIAL_DIR, is_complete_case
-from iunet3d.data.dataset import DATASET_KIND, CTCase
+from iunet3d.data.case_writer import PARTIAL_DIR, default_class_names, is_complete_case
+from iunet3d.data.dataset import DATASET_KIND, CTCase, read_json_metadata
 from iunet3d.data.errors import DataError
 from iunet3d.data.statistics import intensity_statistics, spacing_statistics
 
@@ -32,13 +32,10 @@ def _write_root(path: Path, info: dict) -> None:
 
 
 def _read_root(path: Path) -> dict | None:
-    metadata = path / "zarr.json"
-    if not metadata.exists():
-        return None
     try:
-        info = json.loads(metadata.read_text()).get("attributes", {}).get("iunet3d")
-    except ValueError as error:
-        raise DataError(f"{metadata}: unreadable dataset metadata ({error})") from error
+        info = read_json_metadata(path / "zarr.json").get("attributes", {}).get("iunet3d")
+    except FileNotFoundError:
+        return None
     if not info or info.get("kind") != DATASET_KIND:
         raise DataError(f"{path}: exists but is not an iunet3d dataset (its zarr.json has no iunet3d attributes)")
     return info
@@ -76,13 +73,12 @@ def complete_case_paths(path: Path) -> list[Path]:
 
 
 def prepare_dataset(path: Path, class_names: Sequence[str] | None) -> list[str] | None:
-    """Create the dataset at ``path`` if needed and remove leftovers of interrupted conversions.
+    """Write the root of a new dataset at ``path`` and remove leftovers of interrupted conversions.
 
-    Call it holding :func:`dataset_lock`. Returns the class names to convert with: the given ones
-    (which must agree with the dataset's and cover its stored labels), or the dataset's, or None when
-    neither is known (then they follow from the label values).
+    Call it after :func:`create_dataset_directory`, holding :func:`dataset_lock`. Returns the class
+    names to convert with: the given ones (which must agree with the dataset's and cover its stored
+    labels), or the dataset's, or None when neither is known (then they follow from the label values).
     """
-    create_dataset_directory(path)
     info = _read_root(path) or {"kind": DATASET_KIND, "cases": []}
     known = info.get("class_names") if info.get("class_names_given") else None
     if class_names is not None:
@@ -117,7 +113,7 @@ def refresh_dataset(path: Path) -> dict:
         )
         samples.append(case.foreground_intensities())
         max_label = max(max_label, case.info.get("max_label") or 0)
-    class_names = ["background", *(f"class_{v}" for v in range(1, max_label + 1))]
+    class_names = default_class_names(max_label)
     if info.get("class_names_given"):
         class_names = info["class_names"]
     info.update(
