@@ -9,13 +9,16 @@ With small chunks a 128^3 read touches ~45 chunks, and zarr-python's own codec p
 0.4 ms of asyncio bookkeeping per chunk -- more than lz4 needs to decode it. Our arrays are therefore
 opened and written with zarrs' Rust codec pipeline (the ``zarrs`` package) when it is installed, which
 removes that overhead (``iunet3d bench read`` measures both). zarrs' thread pool does not survive
-``fork``: a process that has read through it must start workers with ``spawn``/``forkserver``, or open
-the stores only inside the workers.
+``fork``: a process that has read through it must start workers with ``spawn``/``forkserver`` (as
+``PatchLoader`` does), or open the stores only inside the workers. A process forked after its parent used
+zarrs falls back to zarr-python's pipeline here, with a warning, instead of hanging.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import os
+import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
@@ -33,8 +36,17 @@ COARSE_AXIS_RATIO = 1.5
 ZARRS_PIPELINE = "zarrs.ZarrsCodecPipeline"
 
 
+_zarrs_used_by_pid: int | None = None  # the process that first used zarrs; inherited by forked children
+_fork_warning_shown = False
+
+
 def zarrs_available() -> bool:
     return importlib.util.find_spec("zarrs") is not None
+
+
+def forked_after_zarrs() -> bool:
+    """True in a process forked from one that had used zarrs (whose thread pool would hang here)."""
+    return _zarrs_used_by_pid is not None and _zarrs_used_by_pid != os.getpid()
 
 
 @contextmanager
@@ -43,7 +55,20 @@ def codec_pipeline(fast: bool = True) -> Iterator[None]:
 
     zarr binds the pipeline when an array is opened, so this scopes the choice to our arrays.
     """
+    global _zarrs_used_by_pid, _fork_warning_shown
+    if fast and zarrs_available() and forked_after_zarrs():
+        if not _fork_warning_shown:
+            _fork_warning_shown = True
+            warnings.warn(
+                "iunet3d: this process was forked after its parent read Zarr through zarrs, whose thread pool "
+                "does not survive fork; reading through zarr-python instead (about 3x slower). Start DataLoader "
+                "workers with multiprocessing_context='spawn' (PatchLoader does).",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+        fast = False
     if fast and zarrs_available():
+        _zarrs_used_by_pid = _zarrs_used_by_pid or os.getpid()
         with zarr.config.set({"codec_pipeline.path": ZARRS_PIPELINE}):
             yield
     else:
