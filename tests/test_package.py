@@ -31,6 +31,26 @@ def test_models_import_nothing_of_data_train_infer_zarr_torchio_wandb():
                 assert not name.startswith("torch.distributed"), f"{path.name} imports {name} (DDP)"
 
 
+def imported_modules(path: pathlib.Path) -> set[str]:
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            names.add(node.module)
+    return names
+
+
+def test_torchio_is_imported_only_by_the_transforms_module_and_the_baseline_benchmark():
+    importers = {
+        path.relative_to(PACKAGE).as_posix()
+        for path in PACKAGE.rglob("*.py")
+        if any(name.split(".")[0] == "torchio" for name in imported_modules(path))
+    }
+    assert importers <= {"data/transforms.py", "bench/data.py"}
+    assert "data/transforms.py" in importers
+
+
 def test_data_tools_import_neither_torch_nor_the_model():
     """Conversion workers stay light: the store, conversion, synthetic CT and the CLI parser need no torch."""
     code = (

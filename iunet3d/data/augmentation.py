@@ -10,9 +10,12 @@ or an elastic displacement reaches the network (nnU-Net enlarges its crop the sa
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, fields
+
+import numpy as np
 
 from iunet3d.data.errors import DataError
 
@@ -96,17 +99,13 @@ def augmentation_margin(
     """
     if config is None or not config.needs_context:
         return (0, 0, 0)
-    extent = [size * step for size, step in zip(patch_size, spacing, strict=True)]  # mm
+    extent = np.array([size * step for size, step in zip(patch_size, spacing, strict=True)])  # mm
     if config.affine_probability > 0:
-        for axis, degrees in enumerate(config.rotation_degrees):
-            if degrees == 0:
-                continue
-            angle = math.radians(degrees)
-            i, j = (a for a in range(3) if a != axis)
-            cos, sin = abs(math.cos(angle)), abs(math.sin(angle))
-            extent[i], extent[j] = extent[i] * cos + extent[j] * sin, extent[i] * sin + extent[j] * cos
-        zoom = max(1.0 / config.scale_range[0], config.scale_range[1])
-        extent = [e * zoom for e in extent]
+        # |R_a R_b R_c| <= |R_a| |R_b| |R_c| elementwise bounds the box of any rotation within the ranges;
+        # the order in which the three rotations compose is TorchIO's (ITK's) business: take the worst
+        turns = [_abs_rotation(axis, degrees) for axis, degrees in enumerate(config.rotation_degrees)]
+        extent = np.max([a @ b @ c @ extent for a, b, c in itertools.permutations(turns)], axis=0)
+        extent = extent * max(1.0 / config.scale_range[0], config.scale_range[1])
     displacement = config.elastic_max_displacement_mm if config.elastic_probability > 0 else (0.0, 0.0, 0.0)
     margin = [
         max(0, math.ceil((e / step - size) / 2)) + math.ceil(d / step) + 1
@@ -115,3 +114,12 @@ def augmentation_margin(
     if config.low_resolution_probability > 0:
         margin[config.low_resolution_axis] += math.ceil(config.low_resolution_factor[1])
     return tuple(margin)
+
+
+def _abs_rotation(axis: int, degrees: float) -> np.ndarray:
+    """Elementwise bound of |R| over all rotations about ``axis`` by at most ``degrees`` (<= 90): cos <= 1."""
+    i, j = (a for a in range(3) if a != axis)
+    sin = math.sin(math.radians(degrees))
+    matrix = np.eye(3)
+    matrix[i, j] = matrix[j, i] = sin
+    return matrix
