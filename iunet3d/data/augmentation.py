@@ -13,7 +13,7 @@ from __future__ import annotations
 import itertools
 import math
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 
 import numpy as np
 
@@ -72,6 +72,18 @@ class AugmentationConfig:
         """Whether a transform mixes voxels across the patch border (affine, elastic, low resolution)."""
         low_resolution = self.low_resolution_probability > 0 and self.low_resolution_factor[1] > 1
         return self.affine_probability > 0 or self.elastic_probability > 0 or low_resolution
+
+    def draw_context_steps(self, rng: np.random.Generator) -> AugmentationConfig:
+        """This config with each context-needing transform decided for one patch (probability 1 or 0).
+
+        Deciding before the read lets a patch that gets no affine, elastic or low-resolution transform be
+        read without a margin and skip the expensive region stage: most patches at the default settings.
+        """
+        decided = {
+            key: float(rng.random() < getattr(self, key))  # always three draws: a fixed use of the generator
+            for key in ("affine_probability", "elastic_probability", "low_resolution_probability")
+        }
+        return replace(self, **decided)
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -59,6 +59,7 @@ class CTCase:
         self.origin: tuple[float, float, float] = tuple(info["origin"])  # z, y, x mm
         self.label_names: list[str] = list(info["labels"])
         self.geometry = Geometry.from_dict(info["geometry"])
+        self._label_arrays: dict[str, zarr.Array] = {}
 
     def __repr__(self) -> str:
         return f"CTCase({self.name!r}, shape={self.shape}, spacing={self.spacing}, labels={self.label_names})"
@@ -90,7 +91,9 @@ class CTCase:
 
     def label_array(self, name: str | None = None) -> zarr.Array:
         name = self._label_name(name)
-        return self._open_array(f"labels/{name}/0", f"label {name!r}")
+        if name not in self._label_arrays:  # opened once: opening reads and parses zarr.json
+            self._label_arrays[name] = self._open_array(f"labels/{name}/0", f"label {name!r}")
+        return self._label_arrays[name]
 
     def _label_name(self, name: str | None) -> str:
         if not self.label_names:

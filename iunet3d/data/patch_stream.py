@@ -31,7 +31,7 @@ from iunet3d.data.normalization import CTNormalization
 from iunet3d.data.sampling import PatchSampler, seeded_rng
 
 DEFAULT_AUGMENTATION = AugmentationConfig()
-TORCH_SEED_STREAM = 1  # separates TorchIO's random parameters from the sampler's draws
+AUGMENTATION_SEED_STREAM = 1  # separates the augmentation's random numbers from the sampler's draws
 
 
 def _open(dataset: CTDataset | Path | str) -> CTDataset:
@@ -71,12 +71,13 @@ class PatchCropper:
         if margin is not None and (len(margin) != 3 or min(margin) < 0):
             raise DataError(f"margin: expected three voxel counts >= 0 (z, y, x), got {margin!r}")
         self.margin = None if margin is None else tuple(int(m) for m in margin)
-        self._built: tuple | None = None
+        self._built: dict = {}
 
     def __getstate__(self) -> dict:
-        return {**self.__dict__, "_built": None}  # TorchIO objects are rebuilt in each worker
+        return {**self.__dict__, "_built": {}}  # TorchIO objects are rebuilt in each worker
 
     def margin_for(self, case: CTCase) -> tuple[int, int, int]:
+        """The most context a patch of ``case`` can need (every context transform applied)."""
         if self.margin is not None:
             return self.margin
         if isinstance(self.transform, AugmentationConfig):
@@ -85,21 +86,31 @@ class PatchCropper:
             return (0, 0, 0)
         return tuple(p // 4 for p in self.patch_size)
 
-    def _transforms(self) -> tuple:
-        if self._built is None:
+    def _transforms(self, config: AugmentationConfig | None) -> tuple:
+        """(region transform, patch transform) for ``config`` (the decided one), or the custom transform."""
+        key = config if isinstance(self.transform, AugmentationConfig) else None
+        if key not in self._built:
             from iunet3d.data import transforms
 
             if isinstance(self.transform, AugmentationConfig):
-                region = transforms.tio.Compose(transforms.region_steps(self.transform), copy=False)
-                patch = transforms.tio.Compose(transforms.patch_steps(self.transform), copy=False)
-                self._built = (region if region.transforms else None, patch if patch.transforms else None)
+                region = transforms.tio.Compose(transforms.region_steps(config), copy=False)
+                patch = transforms.tio.Compose(transforms.patch_steps(config), copy=False)
+                self._built[key] = (region if region.transforms else None, patch if patch.transforms else None)
             else:
-                self._built = (self.transform, None)
-        return self._built
+                self._built[key] = (self.transform, None)
+        return self._built[key]
 
-    def __call__(self, case: CTCase, start: Sequence[int], torch_seed: int | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """image float32 (1, D, H, W) and label int64 (D, H, W) of the patch starting at ``start`` (z, y, x)."""
-        margin = self.margin_for(case) if self.transform is not None else (0, 0, 0)
+    def __call__(self, case: CTCase, start: Sequence[int], seed: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """image float32 (1, D, H, W) and label int64 (D, H, W) of the patch starting at ``start`` (z, y, x).
+
+        ``seed`` determines the augmentation (unused without a transform).
+        """
+        config = self.transform
+        if isinstance(config, AugmentationConfig):
+            config = config.draw_context_steps(seeded_rng(seed))
+            margin = self.margin or augmentation_margin(self.patch_size, case.spacing, config)
+        else:
+            margin = self.margin_for(case)
         region_start = [s - m for s, m in zip(start, margin, strict=True)]
         region_size = [p + 2 * m for p, m in zip(self.patch_size, margin, strict=True)]
         image = self.normalization(case.read_image(region_start, region_size, pad_value=IMAGE_FILL_HU))
@@ -110,9 +121,9 @@ class PatchCropper:
 
         origin = [o + s * d for o, s, d in zip(case.origin, region_start, case.spacing, strict=True)]
         with torch.random.fork_rng(devices=[]):  # TorchIO draws from torch's global generator
-            torch.manual_seed(torch_seed)
+            torch.manual_seed(seed)
             image_t, label_t = augment_region(
-                image, label, region_affine(case.spacing, origin), margin, *self._transforms()
+                image, label, region_affine(case.spacing, origin), margin, *self._transforms(config)
             )
         return image_t, label_t.long()
 
@@ -182,8 +193,8 @@ class PatchStream(IterableDataset):
     def sample(self, position: int) -> dict:
         """The patch at ``position`` of this rank's sequence (what iteration yields there)."""
         draw = self.sampler.draw(self.global_index(position))
-        torch_seed = int(seeded_rng(self.seed, draw.index, TORCH_SEED_STREAM).integers(2**63))
-        image, label = self.crop(self.sampler.case(draw.case), draw.start, torch_seed)
+        augmentation_seed = int(seeded_rng(self.seed, draw.index, AUGMENTATION_SEED_STREAM).integers(2**63))
+        image, label = self.crop(self.sampler.case(draw.case), draw.start, augmentation_seed)
         return {
             "image": image,
             "label": label,

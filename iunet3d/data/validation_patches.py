@@ -74,7 +74,7 @@ class ValidationPatches(Dataset):
 
     def __getitem__(self, item: int) -> dict:
         draw = self.rank_draws[item]
-        image, label = self.crop(self.sampler.case(draw.case), draw.start, torch_seed=None)
+        image, label = self.crop(self.sampler.case(draw.case), draw.start, seed=None)
         return {
             "image": image,
             "label": label,
