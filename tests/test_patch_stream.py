@@ -91,7 +91,7 @@ def test_the_order_does_not_depend_on_the_number_of_workers_and_resume_is_exact(
     loader.close()
     assert state["position"] == 9
 
-    restored = PatchLoader(stream(phantoms, **augmented), batch_size=3, num_workers=2)
+    restored = PatchLoader(stream(phantoms, **augmented), batch_size=3, num_workers=2, pin_memory=True)
     restored.load_state_dict(state)
     rest = collect(restored, 2)
     restored.close()
@@ -228,8 +228,11 @@ def test_validation_patches_are_fixed_and_split_across_ranks(phantoms):
     assert {d.case for d in whole.draws} == set(held_out)
     shares = [ValidationPatches(dataset, rank=r, world_size=2, **options) for r in range(2)]
     assert sorted(item["index"] for share in shares for item in share) == list(range(6))
-    batches = list(validation_loader(shares[1], batch_size=2, num_workers=0))
-    assert sum(len(b["case"]) for b in batches) == len(shares[1])
+    loader = validation_loader(shares[1], batch_size=2, num_workers=1, persistent_workers=True)
+    first, second = list(loader), list(loader)  # the persistent worker serves both passes
+    assert sum(len(b["case"]) for b in first) == len(shares[1])
+    for a, b in zip(first, second, strict=True):
+        assert torch.equal(a["image"], b["image"]) and a["case"] == b["case"]
     for item, draw in zip(whole, whole.draws, strict=True):
         case = dataset.case(draw.case)
         np.testing.assert_array_equal(item["image"][0].numpy(), WINDOW(case.read_image(draw.start, PATCH)))
