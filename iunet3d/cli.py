@@ -34,7 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = commands.add_parser("bench", help="benchmarks that print side-by-side tables")
     benchmarks = bench.add_subparsers(dest="benchmark", required=True, metavar="BENCHMARK")
-    from iunet3d.bench import memory, read
+    from iunet3d.bench import data, memory, read
 
     memory_parser = benchmarks.add_parser(
         "memory", help="conventional vs reversible peak training memory and step time over depth"
@@ -46,6 +46,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     read.add_arguments(read_parser)
     read_parser.set_defaults(handler=read.run)
+    data_parser = benchmarks.add_parser(
+        "data", help="training patches/s and peak memory: our PatchStream from Zarr vs TorchIO's Queue from .nii.gz"
+    )
+    data.add_arguments(data_parser)
+    data_parser.set_defaults(handler=data.run)
     return parser
 
 
