@@ -32,6 +32,7 @@ def test_bench_data_runs_both_sides_and_reuses_its_data(tmp_path):
     assert report["patches_ours"] == report["patches_torchio"] == 8
     assert report["speedup"] == pytest.approx(report["patches_per_s_ours"] / report["patches_per_s_torchio"], 1e-2)
     assert report["rss_ratio"] == pytest.approx(report["rss_mb_ours"] / report["rss_mb_torchio"], 1e-2)
+    assert report["pss_ratio"] == pytest.approx(report["pss_mb_ours"] / report["pss_mb_torchio"], 1e-2)
     settings = report["settings"]
     assert settings["patch"] == [16, 32, 32] and settings["workers"] == 1 and settings["batch_size"] == 3
     assert settings["queue_max_length"] == 16 and settings["samples_per_volume"] == 8
@@ -40,6 +41,7 @@ def test_bench_data_runs_both_sides_and_reuses_its_data(tmp_path):
         assert result["peak_processes"] >= 2  # the side's process and its worker were both sampled
         assert result["peak_rss_mb"] > 100  # a process that imported torch
         assert result["peak_rss_mb"] <= result["hwm_sum_mb"] * 1.01  # sampled peak <= sum of per-process peaks
+        assert 50 < result["peak_pss_mb"] < result["peak_rss_mb"]  # shared library pages count once in PSS
         assert 0 < result["first_batch_s"] <= result["seconds"]
     assert report["data"]["zarr_cases_written"] == 2 and report["data"]["nifti_cases_written"] == 2
     assert sorted(p.name for p in (data / "nifti").iterdir()) == [
@@ -78,13 +80,13 @@ def test_normalisation_of_the_torchio_side_matches_ours_and_pickles():
     import torch
     import torchio as tio
 
-    from iunet3d.bench.data import torchio_normalization
     from iunet3d.data.normalization import CTNormalization
+    from iunet3d.data.transforms import normalization_transform
 
     normalization = CTNormalization.window(-1000, 1000)
     hu = torch.tensor([-3000, -1000, 0, 500, 1000, 2000], dtype=torch.int16).reshape(1, 1, 2, 3)
     subject = tio.Subject(image=tio.ScalarImage(tensor=hu), label=tio.LabelMap(tensor=torch.ones_like(hu)))
-    out = pickle.loads(pickle.dumps(torchio_normalization(normalization)(subject)))  # crosses worker processes
+    out = pickle.loads(pickle.dumps(normalization_transform(normalization)(subject)))  # crosses worker processes
     np.testing.assert_allclose(out["image"].data.numpy(), normalization(hu.numpy()))
     assert out["image"].data.flatten().tolist() == [-1.0, -1.0, 0.0, 0.5, 1.0, 1.0]
     assert out["label"].data.equal(torch.ones_like(hu))  # labels are left alone
@@ -119,13 +121,14 @@ def test_tree_memory_sums_the_descendants():
 
 def test_format_table_puts_the_sides_side_by_side():
     results = {
-        "torchio": SideResult("torchio", 64, 32.0, 2.0, 10.0, 2.5, 4000.0, 3, 5000.0),
-        "ours": SideResult("ours", 64, 3.2, 20.0, 1.2, 25.0, 800.0, 4, 900.0),
+        "torchio": SideResult("torchio", 64, 32.0, 2.0, 10.0, 2.5, 4000.0, 3500.0, 3, 5000.0),
+        "ours": SideResult("ours", 64, 3.2, 20.0, 1.2, 25.0, 800.0, 350.0, 4, 900.0),
     }
     table = format_table(results, "header")
-    assert "| torchio | 64 | 32.00 | 2.00 | 2.50 | 10.00 | 4000 | 3 |" in table
-    assert "| ours | 64 | 3.20 | 20.00 | 25.00 | 1.20 | 800 | 4 |" in table
+    assert "| torchio | 64 | 32.00 | 2.00 | 2.50 | 10.00 | 4000 | 3500 | 3 |" in table
+    assert "| ours | 64 | 3.20 | 20.00 | 25.00 | 1.20 | 800 | 350 | 4 |" in table
     assert "ours vs TorchIO: 10.00x the patches/s (steady 10.00x), 0.200 of the peak RSS" in table
+    assert "(0.100 of its peak PSS)" in table
 
 
 @pytest.mark.parametrize(

@@ -15,8 +15,8 @@ Both sides deliver ``--patches`` random patches of ``--patch`` voxels in batches
   region plus the augmentation margin, and the transforms run on that patch-sized region. The stream
   centres 33 % of its patches on a labelled voxel (its default); TorchIO's sampler below is uniform.
 - TorchIO's standard path, as its documentation prescribes: ``SubjectsDataset`` of the ``.nii.gz`` files
-  with ``Compose([normalisation, augmentation])`` as its transform (``normalization_transform``, its function
-  made picklable, see ``PicklableNormalization``), ``Queue(max_length=samples_per_volume *
+  with ``Compose([normalisation, augmentation])`` as its transform (``normalization_transform``),
+  ``Queue(max_length=samples_per_volume *
   max(workers, 1) * 2, samples_per_volume, UniformSampler(patch), num_workers=workers)`` and a
   ``DataLoader(queue, batch_size, num_workers=0)``. Each worker loads a whole volume, decompresses it,
   normalises and augments the whole volume, and the queue cuts ``samples_per_volume`` patches from it.
@@ -31,7 +31,11 @@ Seconds run from building the pipeline (datasets, loader; imports excluded) to t
 start-up and the first fill of TorchIO's queue count; "steady" excludes the first batch. Peak RSS: the parent
 samples the summed ``VmRSS`` of the side's process and all its descendants (workers, their helpers) from
 /proc every 20 ms and keeps the maximum. Pages shared between processes (libraries, copy-on-write pages after
-a fork) count once per process, as RSS does. The data was just written, so files come from the OS page
+a fork) count once per process, as RSS does: each process that imports torch and TorchIO (with SimpleITK)
+starts at about 330 MB of RSS, much of it shared library pages, so with the main process and two workers a
+side cannot go below about 1 GB however little data it holds. The summed PSS (``smaps_rollup``: a page
+shared by n processes counts 1/n in each) is sampled alongside and gives the memory the tree really takes.
+The data was just written, so files come from the OS page
 cache: this measures decoding, augmentation and loader overhead, not the disk.
 """
 
@@ -73,6 +77,7 @@ class SideResult:
     first_batch_s: float  #: building the pipeline -> first batch
     steady_patches_per_s: float | None  #: after the first batch (None with a single batch)
     peak_rss_mb: float  #: max over samples of the summed VmRSS of the side's process tree
+    peak_pss_mb: float  #: max over samples of the summed Pss: pages shared by n processes count 1/n each
     peak_processes: int  #: processes in the tree (max over samples)
     hwm_sum_mb: float  #: sum of each process's own VmHWM: an upper bound of the tree's peak
 
@@ -197,44 +202,18 @@ def build_ours(args: argparse.Namespace, directory: Path) -> Iterator[tuple[torc
     return batches()
 
 
-class PicklableNormalization:
-    """What ``transforms.normalization_transform`` applies, as a picklable callable for ``tio.Lambda``.
-
-    ``normalization_transform`` wraps a local function, and TorchIO records each applied transform (with
-    its function) in the subject's history: the Queue's workers then cannot pickle a loaded subject back,
-    and the DataLoader waits for it forever. Same computation, from a module-level class.
-    """
-
-    def __init__(self, normalization):
-        self.normalization = normalization
-
-    def __call__(self, tensor: torch.Tensor) -> torch.Tensor:
-        import torch
-
-        return torch.from_numpy(self.normalization(tensor.numpy()))
-
-
-def torchio_normalization(normalization):
-    """``normalization_transform(normalization)`` with a picklable function (see ``PicklableNormalization``)."""
-    from iunet3d.data.transforms import normalization_transform
-
-    transform = normalization_transform(normalization)
-    transform.function = PicklableNormalization(normalization)
-    return transform
-
-
 def build_torchio(args: argparse.Namespace, directory: Path) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Batches (image, label) of TorchIO's standard path: SubjectsDataset + Queue + DataLoader, epoch after epoch."""
     import torchio as tio
     from torch.utils.data import DataLoader
 
-    from iunet3d.data.transforms import build_transform
+    from iunet3d.data.transforms import build_transform, normalization_transform
 
     subjects = []
     for i in range(args.cases):
         image, label = nifti_paths(directory, i)
         subjects.append(tio.Subject(image=tio.ScalarImage(image), label=tio.LabelMap(label)))
-    transform = tio.Compose([torchio_normalization(_normalization()), build_transform(_augmentation())])
+    transform = tio.Compose([normalization_transform(_normalization()), build_transform(_augmentation())])
     dataset = tio.SubjectsDataset(subjects, transform=transform)
     queue = tio.Queue(dataset, max_length=queue_length(args), samples_per_volume=args.samples_per_volume,
                       sampler=tio.UniformSampler(tuple(args.patch)), num_workers=args.workers,
@@ -321,6 +300,18 @@ def process_tree(root: int) -> list[int]:
     return tree
 
 
+def pss_kb(pid: int) -> int:
+    """Proportional set size of ``pid`` in kB (0 for a process that exited)."""
+    try:
+        with open(f"/proc/{pid}/smaps_rollup") as rollup:
+            for line in rollup:
+                if line.startswith("Pss:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
 def memory_kb(pid: int) -> tuple[int, int]:
     """(VmRSS, VmHWM) of ``pid`` in kB; zeros for a process that exited (or a zombie)."""
     values = {"VmRSS": 0, "VmHWM": 0}
@@ -339,17 +330,19 @@ class TreeMemory:
     """Samples of a process tree's summed RSS: the peak, the most processes, and each process's own peak."""
 
     def __init__(self, root: int):
-        self.root, self.peak_kb, self.peak_processes, self.hwm_kb = root, 0, 0, {}
+        self.root, self.peak_kb, self.peak_pss_kb, self.peak_processes, self.hwm_kb = root, 0, 0, 0, {}
 
     def sample(self) -> int:
-        """Summed VmRSS (kB) of the tree now."""
-        total = 0
+        """Summed VmRSS (kB) of the tree now (also tracks the summed PSS)."""
+        total = pss = 0
         tree = process_tree(self.root)
         for pid in tree:
             rss, hwm = memory_kb(pid)
             total += rss
+            pss += pss_kb(pid)
             self.hwm_kb[pid] = max(self.hwm_kb.get(pid, 0), hwm)
         self.peak_kb, self.peak_processes = max(self.peak_kb, total), max(self.peak_processes, len(tree))
+        self.peak_pss_kb = max(self.peak_pss_kb, pss)
         return total
 
 
@@ -384,6 +377,7 @@ def measure_side(args: argparse.Namespace, side: str, directory: Path) -> SideRe
         first_batch_s=round(report["first_batch_s"], 3),
         steady_patches_per_s=None if steady is None else round(steady, 3),
         peak_rss_mb=round(memory.peak_kb / 1024, 1),
+        peak_pss_mb=round(memory.peak_pss_kb / 1024, 1),
         peak_processes=memory.peak_processes,
         hwm_sum_mb=round(sum(memory.hwm_kb.values()) / 1024, 1),
     )
@@ -415,7 +409,8 @@ def ratios(results: dict[str, SideResult]) -> dict:
     steady = (None if not (ours.steady_patches_per_s and torchio.steady_patches_per_s)
               else round(ours.steady_patches_per_s / torchio.steady_patches_per_s, 3))  # fmt: skip
     return {"speedup": round(ours.patches_per_s / torchio.patches_per_s, 3), "steady_speedup": steady,
-            "rss_ratio": round(ours.peak_rss_mb / torchio.peak_rss_mb, 3)}  # fmt: skip
+            "rss_ratio": round(ours.peak_rss_mb / torchio.peak_rss_mb, 3),
+            "pss_ratio": round(ours.peak_pss_mb / torchio.peak_pss_mb, 3)}  # fmt: skip
 
 
 def format_table(results: dict[str, SideResult], header: str) -> str:
@@ -424,18 +419,20 @@ def format_table(results: dict[str, SideResult], header: str) -> str:
         header,
         "",
         "| side | patches | seconds | patches/s | steady patches/s | first batch s | peak RSS MB (process tree) "
-        "| processes |",
-        "|---" * 8 + "|",
+        "| peak PSS MB (process tree) | processes |",
+        "|---" * 9 + "|",
     ]
     for side in SIDES:
         r = results[side]
         steady = "-" if r.steady_patches_per_s is None else f"{r.steady_patches_per_s:.2f}"
         lines.append(f"| {side} | {r.patches} | {r.seconds:.2f} | {r.patches_per_s:.2f} | {steady} "
-                     f"| {r.first_batch_s:.2f} | {r.peak_rss_mb:.0f} | {r.peak_processes} |")  # fmt: skip
+                     f"| {r.first_batch_s:.2f} | {r.peak_rss_mb:.0f} | {r.peak_pss_mb:.0f} "
+                     f"| {r.peak_processes} |")  # fmt: skip
     ratio = ratios(results)
     steady = "" if ratio["steady_speedup"] is None else f" (steady {ratio['steady_speedup']:.2f}x)"
     lines += ["", f"ours vs TorchIO: {ratio['speedup']:.2f}x the patches/s{steady}, "
-                  f"{ratio['rss_ratio']:.3f} of the peak RSS of the process tree"]  # fmt: skip
+                  f"{ratio['rss_ratio']:.3f} of the peak RSS of the process tree "
+                  f"({ratio['pss_ratio']:.3f} of its peak PSS)"]  # fmt: skip
     return "\n".join(lines)
 
 
@@ -513,6 +510,7 @@ def run(args: argparse.Namespace) -> int:
         report = {
             "patches_per_s_ours": ours.patches_per_s, "patches_per_s_torchio": torchio.patches_per_s,
             "rss_mb_ours": ours.peak_rss_mb, "rss_mb_torchio": torchio.peak_rss_mb,
+            "pss_mb_ours": ours.peak_pss_mb, "pss_mb_torchio": torchio.peak_pss_mb,
             "patches_ours": ours.patches, "patches_torchio": torchio.patches,
             "seconds_ours": ours.seconds, "seconds_torchio": torchio.seconds,
             "steady_patches_per_s_ours": ours.steady_patches_per_s,

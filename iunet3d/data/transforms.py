@@ -102,13 +102,20 @@ def build_transform(config: AugmentationConfig | None) -> tio.Compose | None:
     return tio.Compose(region_steps(config) + patch_steps(config), copy=False)
 
 
+class NormalizeTensor:
+    """``normalization`` applied to a tensor; a module-level class so that TorchIO subjects that record it in
+    their history still pickle (a Queue's workers send them back to the main process)."""
+
+    def __init__(self, normalization: CTNormalization):
+        self.normalization = normalization
+
+    def __call__(self, tensor: torch.Tensor) -> torch.Tensor:
+        return torch.from_numpy(self.normalization(tensor.numpy()))
+
+
 def normalization_transform(normalization: CTNormalization) -> tio.Lambda:
     """``normalization`` as a TorchIO transform of scalar images (for pipelines on whole volumes)."""
-
-    def normalize(tensor: torch.Tensor) -> torch.Tensor:
-        return torch.from_numpy(normalization(tensor.numpy()))
-
-    return tio.Lambda(normalize, types_to_apply=[tio.INTENSITY])
+    return tio.Lambda(NormalizeTensor(normalization), types_to_apply=[tio.INTENSITY])
 
 
 def region_affine(spacing: Sequence[float], origin: Sequence[float]) -> np.ndarray:
