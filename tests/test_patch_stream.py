@@ -60,7 +60,9 @@ def test_two_ranks_with_two_workers_each_produce_disjoint_patches_covering_the_g
     seen = {}
     for rank in range(2):
         loader = PatchLoader(
-            stream(phantoms, rank=rank, world_size=2, transform=noisy), batch_size=batch_size, num_workers=2
+            stream(phantoms, rank=rank, world_size=2, transform=noisy, trim_every=1 + rank),  # memory trimmed too
+            batch_size=batch_size,
+            num_workers=2,
         )
         batches = collect(loader, batches_per_rank)
         loader.close()
@@ -268,6 +270,8 @@ def test_bad_arguments_are_named(phantoms, tmp_path):
         stream(phantoms, class_probabilities={7: 1.0})
     with pytest.raises(DataError, match="no case 'nope'"):
         stream(phantoms, cases=["nope"])
+    with pytest.raises(DataError, match="trim_every"):
+        stream(phantoms, trim_every=-1)
     with pytest.raises(DataError, match="num_workers"):
         PatchLoader(stream(phantoms), batch_size=2, num_workers=-1)
     image, _ = make_phantom((16, 32, 32), SPACING, seed=1)

@@ -16,7 +16,10 @@ wrap it in a TorchIO ``Subject``, augment, crop the patch from the centre.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 from collections.abc import Iterator, Mapping, Sequence
+from functools import cache
 from pathlib import Path
 
 import numpy as np
@@ -32,6 +35,28 @@ from iunet3d.data.sampling import PatchSampler, seeded_rng
 
 DEFAULT_AUGMENTATION = AugmentationConfig()
 AUGMENTATION_SEED_STREAM = 1  # separates the augmentation's random numbers from the sampler's draws
+
+
+@cache
+def _malloc_trim():
+    """glibc's ``malloc_trim`` (None elsewhere, e.g. musl or macOS)."""
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return None
+
+
+def release_free_memory() -> None:
+    """Hand memory that malloc keeps after freeing patch-sized buffers back to the OS.
+
+    A worker allocates and frees regions of several MB per patch; glibc then raises its mmap threshold and
+    keeps the freed blocks in fragmented arenas, and a worker's RSS grows by ~280 MB over a few hundred
+    64x128x128 patches (measured). Trimming every 4 patches keeps it near its import size (~380 MB) but
+    costs ~15 % of throughput, as the returned pages fault in again: off by default.
+    """
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
 
 
 def _open(dataset: CTDataset | Path | str) -> CTDataset:
@@ -150,6 +175,8 @@ class PatchStream(IterableDataset):
         block_size: patches per DataLoader batch (set by ``PatchLoader``; must equal the batch size for
             the worker-count-independent order).
         num_patches: stop after this many positions of this rank (default: endless).
+        trim_every: in a DataLoader worker, return freed memory to the OS after every this many patches
+            (glibc only; 0: never, the default). Trades throughput for memory: ``release_free_memory``.
     """
 
     def __init__(
@@ -168,6 +195,7 @@ class PatchStream(IterableDataset):
         margin: Sequence[int] | None = None,
         block_size: int = 1,
         num_patches: int | None = None,
+        trim_every: int = 0,
     ):
         super().__init__()
         dataset = _open(dataset)
@@ -184,7 +212,9 @@ class PatchStream(IterableDataset):
             self.patch_size, normalization or CTNormalization.from_dataset(dataset), transform, margin
         )
         self.rank, self.world_size, self.seed = rank, world_size, int(seed)
-        self.block_size, self.num_patches = block_size, num_patches
+        if not isinstance(trim_every, int) or trim_every < 0:
+            raise DataError(f"trim_every: expected an integer >= 0, got {trim_every!r}")
+        self.block_size, self.num_patches, self.trim_every = block_size, num_patches, trim_every
         self.position = 0  #: this rank's next position when iteration starts
 
     def global_index(self, position: int) -> int:
@@ -216,8 +246,11 @@ class PatchStream(IterableDataset):
     def __iter__(self) -> Iterator[dict]:
         info = get_worker_info()
         worker, num_workers = (0, 1) if info is None else (info.id, info.num_workers)
-        for position in self.positions(worker, num_workers):
+        trim_every = self.trim_every if info is not None else 0  # the main process's heap is the trainer's
+        for count, position in enumerate(self.positions(worker, num_workers), start=1):
             yield self.sample(position)
+            if trim_every and count % trim_every == 0:
+                release_free_memory()
 
     def start_at(self, position: int) -> None:
         """Continue from ``position`` (patches of this rank already consumed) at the next iteration."""
