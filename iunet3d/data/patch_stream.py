@@ -133,7 +133,9 @@ class PatchCropper:
         config = self.transform
         if isinstance(config, AugmentationConfig):
             config = config.draw_context_steps(seeded_rng(seed))
-            margin = self.margin or augmentation_margin(self.patch_size, case.spacing, config)
+            margin = (
+                self.margin if self.margin is not None else augmentation_margin(self.patch_size, case.spacing, config)
+            )
         else:
             margin = self.margin_for(case)
         region_start = [s - m for s, m in zip(start, margin, strict=True)]
