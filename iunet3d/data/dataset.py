@@ -193,5 +193,6 @@ class CTDataset:
         return CTCase(self.path / name)
 
 
-def open_dataset(path: Path | str) -> CTDataset:
-    return CTDataset(path)
+def open_dataset(path: CTDataset | Path | str) -> CTDataset:
+    """The dataset at ``path`` (an already opened ``CTDataset`` is returned as it is)."""
+    return path if isinstance(path, CTDataset) else CTDataset(path)

@@ -31,7 +31,7 @@ from iunet3d.data.case_writer import IMAGE_FILL_HU
 from iunet3d.data.dataset import CTCase, CTDataset, open_dataset
 from iunet3d.data.errors import DataError
 from iunet3d.data.normalization import CTNormalization
-from iunet3d.data.sampling import PatchSampler, seeded_rng
+from iunet3d.data.sampling import PatchSampler, check_rank, seeded_rng
 
 DEFAULT_AUGMENTATION = AugmentationConfig()
 AUGMENTATION_SEED_STREAM = 1  # separates the augmentation's random numbers from the sampler's draws
@@ -57,10 +57,6 @@ def release_free_memory() -> None:
     trim = _malloc_trim()
     if trim is not None:
         trim(0)
-
-
-def _open(dataset: CTDataset | Path | str) -> CTDataset:
-    return dataset if isinstance(dataset, CTDataset) else open_dataset(dataset)
 
 
 def check_labelled(dataset: CTDataset, cases: Sequence[str]) -> None:
@@ -200,13 +196,14 @@ class PatchStream(IterableDataset):
         trim_every: int = 0,
     ):
         super().__init__()
-        dataset = _open(dataset)
-        if not (isinstance(world_size, int) and world_size >= 1 and isinstance(rank, int) and 0 <= rank < world_size):
-            raise DataError(f"rank {rank!r} / world_size {world_size!r}: expected 0 <= rank < world_size")
+        dataset = open_dataset(dataset)
+        check_rank(rank, world_size)
         if not isinstance(block_size, int) or block_size < 1:
             raise DataError(f"block_size: expected a positive integer, got {block_size!r}")
         if num_patches is not None and (not isinstance(num_patches, int) or num_patches < 0):
             raise DataError(f"num_patches: expected an integer >= 0 or None, got {num_patches!r}")
+        if not isinstance(trim_every, int) or trim_every < 0:
+            raise DataError(f"trim_every: expected an integer >= 0, got {trim_every!r}")
         self.sampler = PatchSampler(dataset, patch_size, seed, cases, foreground_fraction, class_probabilities)
         check_labelled(dataset, self.sampler.cases)
         self.patch_size = self.sampler.patch_size
@@ -214,8 +211,6 @@ class PatchStream(IterableDataset):
             self.patch_size, normalization or CTNormalization.from_dataset(dataset), transform, margin
         )
         self.rank, self.world_size, self.seed = rank, world_size, int(seed)
-        if not isinstance(trim_every, int) or trim_every < 0:
-            raise DataError(f"trim_every: expected an integer >= 0, got {trim_every!r}")
         self.block_size, self.num_patches, self.trim_every = block_size, num_patches, trim_every
         self.position = 0  #: this rank's next position when iteration starts
 

@@ -70,8 +70,9 @@ class PatchSampler:
         self.cases = list(dataset.case_names if cases is None else cases)
         if not self.cases:
             raise DataError(f"{dataset.path}: no cases to draw patches from")
+        known = set(dataset.case_names)  # a set: datasets may hold thousands of cases
         for name in self.cases:
-            if name not in dataset:
+            if name not in known:
                 dataset.case(name)  # raises a DataError naming the dataset and its cases
         self.patch_size = check_patch_size(patch_size)
         if not 0 <= foreground_fraction <= 1:
@@ -126,6 +127,11 @@ class PatchSampler:
             return present[int(rng.integers(len(present)))]
         weights = np.array([self.class_probabilities[v] for v in present])
         return present[int(rng.choice(len(present), p=weights / weights.sum()))]
+
+
+def check_rank(rank: int, world_size: int) -> None:
+    if not (isinstance(world_size, int) and world_size >= 1 and isinstance(rank, int) and 0 <= rank < world_size):
+        raise DataError(f"rank {rank!r} / world_size {world_size!r}: expected 0 <= rank < world_size")
 
 
 def check_patch_size(patch_size: Sequence[int]) -> tuple[int, int, int]:

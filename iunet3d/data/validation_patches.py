@@ -19,7 +19,7 @@ from iunet3d.data.dataset import CTDataset, open_dataset
 from iunet3d.data.errors import DataError
 from iunet3d.data.normalization import CTNormalization
 from iunet3d.data.patch_stream import PatchCropper, check_labelled
-from iunet3d.data.sampling import PatchDraw, PatchSampler
+from iunet3d.data.sampling import PatchDraw, PatchSampler, check_rank
 
 
 class ValidationPatches(Dataset):
@@ -49,13 +49,12 @@ class ValidationPatches(Dataset):
         seed: int = 0,
         normalization: CTNormalization | None = None,
     ):
-        dataset = dataset if isinstance(dataset, CTDataset) else open_dataset(dataset)
+        dataset = open_dataset(dataset)
         if not cases:
             raise DataError(f"{dataset.path}: no validation cases given")
         if not isinstance(patches_per_case, int) or patches_per_case < 1:
             raise DataError(f"patches_per_case: expected a positive integer, got {patches_per_case!r}")
-        if not (isinstance(world_size, int) and world_size >= 1 and isinstance(rank, int) and 0 <= rank < world_size):
-            raise DataError(f"rank {rank!r} / world_size {world_size!r}: expected 0 <= rank < world_size")
+        check_rank(rank, world_size)
         check_labelled(dataset, cases)
         self.sampler = PatchSampler(dataset, patch_size, seed, cases)  # opens the cases in each process
         self.draws: list[PatchDraw] = []  # every rank's, in order
