@@ -1,0 +1,1 @@
+"""Training: DDP loop, checkpoints, configuration, logging."""
