@@ -32,6 +32,23 @@ def build_parser() -> argparse.ArgumentParser:
         add_arguments(command)
         command.set_defaults(handler=handler)
 
+    from iunet3d.train import commands as train_commands
+    from iunet3d.train import demo
+
+    train_parser = commands.add_parser(
+        "train",
+        help="train a segmentation iUNet (one process, or each rank under torchrun)",
+        description="Train a segmentation iUNet from a TOML config. One process as it is; several with "
+        "`torchrun --nproc-per-node=N -m iunet3d train --config FILE`.",
+    )
+    train_commands.add_train_arguments(train_parser)
+    train_parser.set_defaults(handler=train_commands.run_train)
+    demo_parser = commands.add_parser(
+        "demo", help="the main job: synthetic CT, 2-process torchrun training on CPU, summary"
+    )
+    demo.add_demo_arguments(demo_parser)
+    demo_parser.set_defaults(handler=demo.run_demo)
+
     bench = commands.add_parser("bench", help="benchmarks that print side-by-side tables")
     benchmarks = bench.add_subparsers(dest="benchmark", required=True, metavar="BENCHMARK")
     from iunet3d.bench import data, memory, read

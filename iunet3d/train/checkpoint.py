@@ -1,0 +1,91 @@
+"""Step checkpoints in ``<run dir>/checkpoints/step-<N>.pt``: atomic, the newest k kept, resumable.
+
+A checkpoint is written to ``step-<N>.pt.tmp``, flushed to disk and renamed, so a ``step-<N>.pt`` that
+exists is complete; the ``latest`` pointer is replaced the same way after it. A crash mid-write leaves at
+most a ``.tmp`` file, which is never read and is removed by the next save.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import re
+import warnings
+from pathlib import Path
+
+import torch
+
+CHECKPOINT_NAME = re.compile(r"^step-(\d+)\.pt$")
+
+
+def checkpoint_path(directory: Path, step: int) -> Path:
+    return directory / f"step-{step}.pt"
+
+
+class CheckpointManager:
+    """Saves and finds the checkpoints of one run (only the main rank calls ``save``)."""
+
+    def __init__(self, directory: Path | str, keep: int = 3):
+        if keep < 2:
+            raise ValueError(f"keep: at least 2 checkpoints must be kept, got {keep}")
+        self.directory = Path(directory)
+        self.keep = keep
+
+    def steps(self) -> list[int]:
+        """Steps of the complete checkpoints on disk, ascending."""
+        if not self.directory.is_dir():
+            return []
+        found = (CHECKPOINT_NAME.match(path.name) for path in self.directory.iterdir())
+        return sorted(int(match.group(1)) for match in found if match)
+
+    def save(self, step: int, state: dict) -> Path:
+        """Write ``state`` as ``step-<step>.pt`` atomically, point ``latest`` at it, drop the oldest."""
+        self.directory.mkdir(parents=True, exist_ok=True)
+        path = checkpoint_path(self.directory, step)
+        _atomic_write(path, lambda file: torch.save(state, file))
+        _atomic_write(self.directory / "latest", lambda file: file.write(f"{path.name}\n".encode()))
+        for old in self.steps()[: -self.keep]:
+            checkpoint_path(self.directory, old).unlink(missing_ok=True)
+        for leftover in self.directory.glob("*.tmp"):
+            leftover.unlink(missing_ok=True)
+        return path
+
+    def load_latest(self) -> tuple[Path, dict] | None:
+        """The newest checkpoint that loads, and its state; None if there is none.
+
+        Saves are atomic, so a ``step-<N>.pt`` is complete unless the disk corrupted it; such a file is
+        skipped with a warning and the one before it is used.
+        """
+        for step in reversed(self.steps()):
+            path = checkpoint_path(self.directory, step)
+            try:
+                return path, load_checkpoint(path)
+            except (OSError, RuntimeError, EOFError, ValueError, pickle.UnpicklingError) as error:
+                warnings.warn(f"{path}: unreadable checkpoint skipped ({error})", stacklevel=2)
+        return None
+
+
+def load_checkpoint(path: Path | str, map_location: str | torch.device = "cpu") -> dict:
+    """A checkpoint's state (it holds the config and numpy RNG state, hence ``weights_only=False``)."""
+    state = torch.load(path, map_location=map_location, weights_only=False)
+    if not isinstance(state, dict) or "model" not in state or "step" not in state:
+        raise ValueError(f"{path}: not an iunet3d checkpoint (no 'model' and 'step')")
+    return state
+
+
+def _atomic_write(path: Path, write) -> None:
+    temporary = path.with_name(path.name + ".tmp")
+    try:
+        with open(temporary, "wb") as file:
+            write(file)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
+    directory = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(directory)  # the rename itself survives a power loss
+    finally:
+        os.close(directory)

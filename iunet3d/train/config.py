@@ -1,0 +1,169 @@
+"""The training run's configuration: one typed dataclass per component, one TOML section each.
+
+Every component receives its own section, never the whole config. Load with ``load_training_config``
+(a TOML file from ``configs/`` plus ``--set section.key=value`` overrides).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from iunet3d.data.augmentation import AugmentationConfig
+from iunet3d.train.toml_config import load_config
+from iunet3d.train.wandb_logger import WandbConfig
+
+PRECISIONS = ("bf16", "fp16", "fp32")
+SCHEDULES = ("cosine", "poly", "constant")
+DEVICES = ("auto", "cpu", "cuda")
+NORMS = ("group", "instance", "none")
+
+
+def _positive(section: str, **values) -> None:
+    for key, value in values.items():
+        if value < 1:
+            raise ValueError(f"{section}.{key}: expected a positive integer, got {value!r}")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    dir: str = "runs/iunet3d"  #: run directory: config, checkpoints, W&B files (shared by all nodes)
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    dataset: str = ""  #: path to a dataset written by ``iunet3d convert`` or ``iunet3d synth``
+    patch_size: tuple[int, int, int] = (32, 128, 128)  #: z, y, x voxels
+    batch_size: int = 2  #: patches per rank per micro-step
+    num_workers: int = 2  #: DataLoader worker processes per rank (0: load in the training process)
+    validation_cases: int | float = 0.2  #: held-out cases: a count, or a fraction of the dataset
+    split_seed: int = 0  #: which cases are held out
+    foreground_fraction: float = 0.33  #: share of patches centred on a voxel of a present class
+    augment: bool = True  #: apply the [augmentation] section (False: intensity normalisation only)
+    window: tuple[float, float] | None = None  #: fixed HU window onto [-1, 1]; default: dataset statistics
+    classes: tuple[str, ...] | None = None  #: expected class names, background first (checked against the dataset)
+
+    def __post_init__(self) -> None:
+        if not self.dataset:
+            raise ValueError("data.dataset: required (a dataset directory from `iunet3d convert` or `iunet3d synth`)")
+        _positive("data", batch_size=self.batch_size, **{f"patch_size[{i}]": s for i, s in enumerate(self.patch_size)})
+        if self.num_workers < 0:
+            raise ValueError(f"data.num_workers: expected an integer >= 0, got {self.num_workers}")
+        if not 0 <= self.foreground_fraction <= 1:
+            raise ValueError(f"data.foreground_fraction: expected a number in [0, 1], got {self.foreground_fraction}")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    channels: int = 16  #: feature channels at full resolution (the iUNet's in_channels)
+    architecture: tuple[int, ...] = (2, 2, 2)  #: invertible couplings per level
+    resampling_stride: tuple[tuple[int, int, int], ...] = ((1, 2, 2), (2, 2, 2))  #: one z, y, x stride per transition
+    block_depth: int = 2  #: convolutions per coupling function
+    kernel_size: int = 3
+    norm: str = "group"
+    num_groups: int = 8
+    channel_mixing_freq: int = -1  #: -1: one learnable channel mixing per level, 0: none
+
+    def __post_init__(self) -> None:
+        if len(self.resampling_stride) != len(self.architecture) - 1:
+            raise ValueError(
+                f"model.resampling_stride: expected one [z, y, x] stride per level transition "
+                f"({len(self.architecture) - 1} for architecture {list(self.architecture)}), "
+                f"got {len(self.resampling_stride)}"
+            )
+        if self.norm not in NORMS:
+            raise ValueError(f"model.norm: expected one of {NORMS}, got {self.norm!r}")
+        _positive("model", channels=self.channels, block_depth=self.block_depth, num_groups=self.num_groups)
+
+    def network_kwargs(self) -> dict:
+        """Keyword arguments of ``SegmentationIUNet`` (besides in_channels and num_classes)."""
+        return {
+            "channels": self.channels,
+            "architecture": self.architecture,
+            "resampling_stride": self.resampling_stride,
+            "block_depth": self.block_depth,
+            "kernel_size": self.kernel_size,
+            "norm": None if self.norm == "none" else self.norm,
+            "num_groups": self.num_groups,
+            "channel_mixing_freq": self.channel_mixing_freq,
+        }
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    dice_weight: float = 1.0  #: soft Dice over the foreground classes, per patch
+    ce_weight: float = 1.0  #: cross-entropy over all classes
+
+    def __post_init__(self) -> None:
+        if self.dice_weight < 0 or self.ce_weight < 0 or self.dice_weight + self.ce_weight == 0:
+            raise ValueError("loss: dice_weight and ce_weight must be >= 0 and not both 0")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    steps: int = 1000  #: optimizer steps
+    seed: int = 0  #: model initialisation and the patch stream
+    checkpoint_every: int = 100  #: steps between checkpoints (and one at the end)
+    keep_checkpoints: int = 3  #: the newest this many are kept (>= 2)
+    lr: float = 1e-3  #: peak learning rate (AdamW)
+    weight_decay: float = 1e-5
+    warmup_steps: int = 50  #: linear warm-up from 0
+    schedule: str = "cosine"  #: decay after warm-up: cosine, poly (nnU-Net, exponent 0.9) or constant
+    min_lr_ratio: float = 0.01  #: the decay ends at lr * min_lr_ratio
+    accumulation_steps: int = 1  #: micro-batches per optimizer step (gradients synchronised on the last)
+    clip_grad_norm: float = 12.0  #: 0: no clipping
+    precision: str = "bf16"  #: autocast on CUDA (bf16, fp16 with a gradient scaler, fp32); CPU always fp32
+    device: str = "auto"  #: auto: CUDA when available (the GPU of LOCAL_RANK), else CPU
+    log_every: int = 10  #: steps between logged (rank-reduced) training metrics
+
+    def __post_init__(self) -> None:
+        _positive("train", steps=self.steps, checkpoint_every=self.checkpoint_every, log_every=self.log_every,
+                  accumulation_steps=self.accumulation_steps)  # fmt: skip
+        if self.keep_checkpoints < 2:
+            raise ValueError(
+                f"train.keep_checkpoints: expected >= 2 (so a crash while saving leaves one), "
+                f"got {self.keep_checkpoints}"
+            )
+        if self.lr <= 0 or self.weight_decay < 0 or self.clip_grad_norm < 0 or self.warmup_steps < 0:
+            raise ValueError("train: lr must be > 0; weight_decay, clip_grad_norm and warmup_steps >= 0")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ValueError(f"train.min_lr_ratio: expected a number in [0, 1], got {self.min_lr_ratio}")
+        for key, value, allowed in (("schedule", self.schedule, SCHEDULES), ("precision", self.precision, PRECISIONS),
+                                    ("device", self.device, DEVICES)):  # fmt: skip
+            if value not in allowed:
+                raise ValueError(f"train.{key}: expected one of {allowed}, got {value!r}")
+
+
+@dataclass(frozen=True)
+class ValidationConfig:
+    every: int = 0  #: steps between validations (0: only after the last step)
+    patches_per_case: int = 4  #: fixed, unaugmented patches per held-out case (patch-based validation)
+    foreground_fraction: float = 0.5
+    batch_size: int = 2
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.every < 0:
+            raise ValueError(f"validation.every: expected an integer >= 0, got {self.every}")
+        _positive("validation", patches_per_case=self.patches_per_case, batch_size=self.batch_size)
+
+
+@dataclass(frozen=True)
+class TrainingConfig:
+    """The whole run: ``[run]``, ``[data]``, ``[augmentation]``, ``[model]``, ``[loss]``, ``[train]``,
+    ``[validation]`` and ``[wandb]`` sections."""
+
+    run: RunConfig = field(default_factory=RunConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    augmentation: AugmentationConfig = field(default_factory=AugmentationConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    validation: ValidationConfig = field(default_factory=ValidationConfig)
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+
+
+def load_training_config(path: Path | str | None, overrides: Sequence[str] = ()) -> TrainingConfig:
+    """The config in ``path`` (TOML) with ``section.key=value`` overrides applied, fully checked."""
+    return load_config(TrainingConfig, path, overrides)

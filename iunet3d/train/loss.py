@@ -1,0 +1,79 @@
+"""Dice + cross-entropy loss, and the per-class Dice metric from counted voxels."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class DiceCELoss(nn.Module):
+    """``dice_weight * (1 - soft Dice) + ce_weight * cross-entropy``.
+
+    logits: (B, K, D, H, W) float; target: (B, D, H, W) int64 class values in [0, K).
+
+    The soft Dice is computed per patch and per foreground class (background excluded, as in nnU-Net)
+    and averaged over both, so the loss of a batch is the mean of its patches' losses: a DDP job over
+    several ranks computes exactly the gradient of one process on the combined batch. ``smooth`` keeps a
+    class that is absent from a patch from dividing by zero (its Dice then rewards predicting none of it).
+    """
+
+    def __init__(self, dice_weight: float = 1.0, ce_weight: float = 1.0, smooth: float = 1.0):
+        super().__init__()
+        self.dice_weight, self.ce_weight, self.smooth = dice_weight, ce_weight, smooth
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        if logits.dim() != 5 or target.shape != logits.shape[:1] + logits.shape[2:]:
+            raise ValueError(f"logits (B, K, D, H, W) and target (B, D, H, W) expected, got "
+                             f"{tuple(logits.shape)} and {tuple(target.shape)}")  # fmt: skip
+        if logits.dtype in (torch.float16, torch.bfloat16):
+            logits = logits.float()  # softmax and sums in float32 under autocast
+        loss = logits.new_zeros(())
+        if self.ce_weight:
+            loss = loss + self.ce_weight * F.cross_entropy(logits, target)
+        if self.dice_weight:
+            probabilities = logits.softmax(dim=1)[:, 1:]
+            one_hot = F.one_hot(target, logits.shape[1]).permute(0, 4, 1, 2, 3)[:, 1:].to(probabilities.dtype)
+            axes = (2, 3, 4)
+            intersection = (probabilities * one_hot).sum(axes)
+            total = probabilities.sum(axes) + one_hot.sum(axes)
+            dice = (2 * intersection + self.smooth) / (total + self.smooth)  # (B, K - 1)
+            loss = loss + self.dice_weight * (1 - dice.mean())
+        return loss
+
+
+def confusion_counts(prediction: torch.Tensor, target: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """Per-class voxel counts (num_classes, 3): true positives, false positives, false negatives.
+
+    prediction, target: integer class maps of the same shape. Counts add up over patches and ranks, so
+    the Dice they give is that of all voxels together, not a mean of per-patch Dice values.
+    """
+    if prediction.shape != target.shape:
+        raise ValueError(f"prediction {tuple(prediction.shape)} and target {tuple(target.shape)} differ in shape")
+    index = target.reshape(-1).long() * num_classes + prediction.reshape(-1).long()
+    confusion = torch.bincount(index, minlength=num_classes * num_classes).reshape(num_classes, num_classes)
+    true_positive = confusion.diagonal()
+    false_positive = confusion.sum(0) - true_positive  # predicted as the class, labelled otherwise
+    false_negative = confusion.sum(1) - true_positive
+    return torch.stack([true_positive, false_positive, false_negative], dim=1).to(torch.float64)
+
+
+def dice_scores(counts: torch.Tensor, class_names: list[str]) -> dict[str, float]:
+    """{foreground class name: Dice} from ``confusion_counts``; NaN for a class absent from both the
+    prediction and the ground truth (it does not enter ``mean_dice``)."""
+    scores = {}
+    for value, name in enumerate(class_names):
+        if value == 0:
+            continue
+        true_positive, false_positive, false_negative = counts[value].tolist()
+        denominator = 2 * true_positive + false_positive + false_negative
+        scores[name] = 2 * true_positive / denominator if denominator else math.nan
+    return scores
+
+
+def mean_dice(scores: dict[str, float]) -> float:
+    """Mean of the defined per-class Dice values (NaN if none is defined)."""
+    defined = [score for score in scores.values() if not math.isnan(score)]
+    return sum(defined) / len(defined) if defined else math.nan

@@ -1,0 +1,381 @@
+"""The DDP training loop: patches from Zarr -> segmentation iUNet -> Dice + CE, checkpoints, W&B.
+
+Launch with ``torchrun --nproc-per-node=N -m iunet3d train --config FILE`` (or ``iunet3d train`` for one
+process). Every rank builds the same network from the same seed, reads its own disjoint patch stream,
+and synchronises gradients through DDP; rank 0 alone writes checkpoints and logs to W&B.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import random
+import resource
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.nn.parallel import DistributedDataParallel
+
+from iunet3d.data import CTNormalization, open_dataset, split_cases
+from iunet3d.models.segmentation import SegmentationIUNet
+from iunet3d.train.checkpoint import CheckpointManager, load_checkpoint
+from iunet3d.train.config import TrainingConfig
+from iunet3d.train.distributed import Distributed
+from iunet3d.train.loss import DiceCELoss
+from iunet3d.train.preemption import PreemptionFlag
+from iunet3d.train.run_directory import prepare_run_directory, write_summary
+from iunet3d.train.schedule import build_scheduler
+from iunet3d.train.toml_config import to_dict
+from iunet3d.train.validation import PatchValidator, ValidationResult
+from iunet3d.train.wandb_logger import WandbLogger, create_logger, sync_command
+
+#: Fault injection for the crash-and-resume tests: "RANK:STEP" makes that rank exit abruptly (code 1)
+#: after finishing STEP, in the first attempt of a torchrun job only (TORCHELASTIC_RESTART_COUNT 0).
+CRASH_ENV = "IUNET3D_CRASH_AFTER_STEP"
+
+
+class TrainingError(ValueError):
+    """The run cannot go on (non-finite loss, a checkpoint that does not fit the dataset...)."""
+
+
+def check_classes(config: TrainingConfig, class_names: list[str], source: str) -> None:
+    expected = config.data.classes
+    if expected is not None and list(expected) != list(class_names):
+        raise TrainingError(
+            f"{source}: has {len(class_names)} classes {list(class_names)}, but data.classes in the config expects "
+            f"{len(expected)}: {list(expected)}"
+        )
+    if len(class_names) < 2:
+        raise TrainingError(f"{source}: has {len(class_names)} class ({class_names}); segmentation needs >= 2")
+
+
+class Trainer:
+    """Builds the components from their config sections and runs the loop (``fit``)."""
+
+    def __init__(self, config: TrainingConfig, distributed: Distributed):
+        self.config, self.distributed = config, distributed
+        self.run_dir = Path(config.run.dir)
+        data, train = config.data, config.train
+        try:
+            self.dataset = open_dataset(data.dataset)
+        except ValueError as error:
+            raise TrainingError(f"data.dataset: {error}") from None
+        check_classes(config, self.dataset.class_names, f"dataset {self.dataset.path}")
+        train_cases, validation_cases = split_cases(self.dataset.case_names, data.validation_cases, data.split_seed)
+        self.normalization = (
+            CTNormalization.window(*data.window) if data.window else CTNormalization.from_dataset(self.dataset)
+        )
+        self.device = distributed.device
+        torch.manual_seed(train.seed)
+        self.network = SegmentationIUNet(1, self.dataset.num_classes, **config.model.network_kwargs()).to(self.device)
+        self.model = self.network
+        if distributed.active:
+            device_ids = [self.device.index] if self.device.type == "cuda" else None
+            self.model = DistributedDataParallel(self.network, device_ids=device_ids)
+        self.loss = DiceCELoss(config.loss.dice_weight, config.loss.ce_weight)
+        self.optimizer = torch.optim.AdamW(self.network.parameters(), lr=train.lr, weight_decay=train.weight_decay)
+        self.scheduler = build_scheduler(self.optimizer, steps=train.steps, warmup_steps=train.warmup_steps,
+                                         schedule=train.schedule, min_lr_ratio=train.min_lr_ratio)  # fmt: skip
+        on_cuda = self.device.type == "cuda"
+        self.autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(train.precision) if on_cuda else None
+        self.scaler = torch.amp.GradScaler("cuda", enabled=on_cuda and train.precision == "fp16")
+        self.loader = self._patch_loader(train_cases, pin_memory=on_cuda)
+        self.validator = (
+            PatchValidator(self.dataset, validation_cases, data.patch_size, config.validation, distributed,
+                           self.normalization) if validation_cases else None
+        )  # fmt: skip
+        self.checkpoints = CheckpointManager(self.run_dir / "checkpoints", keep=train.keep_checkpoints)
+        self.step = 0
+        self.identity = self._prepare_run()
+        self._resume()
+        self.logger = create_logger(
+            config.wandb, self.run_dir, {**to_dict(config), "git_revision": self.identity.get("git_revision")},
+            self.identity["wandb_id"], self.step, distributed.rank,
+        )  # fmt: skip
+        self.preemption = PreemptionFlag()
+        self.last_validation: ValidationResult | None = None
+
+    def _patch_loader(self, cases: list[str], pin_memory: bool):
+        from iunet3d.data import PatchLoader, PatchStream
+
+        data = self.config.data
+        stream = PatchStream(
+            self.dataset,
+            patch_size=data.patch_size,
+            rank=self.distributed.rank,
+            world_size=self.distributed.world_size,
+            seed=self.config.train.seed,
+            transform=self.config.augmentation if data.augment else None,
+            foreground_fraction=data.foreground_fraction,
+            cases=cases,
+            normalization=self.normalization,
+        )
+        return PatchLoader(stream, data.batch_size, data.num_workers, pin_memory=pin_memory)
+
+    def autocast(self):
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
+
+    # ----- the loop ------------------------------------------------------------------------------
+
+    def fit(self) -> dict:
+        """Train until ``train.steps`` (or a preemption signal); returns the summary."""
+        train = self.config.train
+        meter = ThroughputMeter(self.distributed, self.config.data, train.accumulation_steps)
+        stopped_by = None
+        self._say(f"training from step {self.step} to {train.steps} on {self.distributed.world_size} process(es), "
+                  f"{self.device}; run directory {self.run_dir}")  # fmt: skip
+        try:
+            while self.step < train.steps:
+                loss, finite = self.train_step()
+                preempted, diverged = self._agree(self.preemption.requested, not finite)
+                if diverged:
+                    raise TrainingError(self._divergence_message(loss))
+                self.optimizer_step()
+                self.step += 1
+                meter.add(loss)
+                if self.step % train.log_every == 0 or self.step == train.steps:
+                    self.logger.log(meter.collect(self.scheduler.get_last_lr()[0]), self.step)
+                    self._say(meter.last_line(self.step, train.steps))
+                if self._validation_due():
+                    self.validate()
+                if self.step % train.checkpoint_every == 0 or self.step == train.steps or preempted:
+                    self.save_checkpoint()
+                self._maybe_crash()
+                if preempted:
+                    stopped_by = self.preemption.signal_name or "signal"
+                    self._say(f"{stopped_by}: stopped at step {self.step} after saving a checkpoint")
+                    break
+        finally:
+            self.loader.close()
+            self.preemption.restore()
+        return self._finish(stopped_by, meter)
+
+    def train_step(self) -> tuple[float, bool]:
+        """Forward and backward over ``accumulation_steps`` micro-batches; DDP all-reduces on the last."""
+        accumulation = self.config.train.accumulation_steps
+        self.model.train()
+        total = 0.0
+        for micro_step in range(accumulation):
+            batch = next(self.loader)
+            image = batch["image"].to(self.device, non_blocking=True)
+            label = batch["label"].to(self.device, non_blocking=True)
+            last = micro_step == accumulation - 1
+            sync = self.model.no_sync() if self.distributed.active and not last else contextlib.nullcontext()
+            with sync:
+                with self.autocast():
+                    loss = self.loss(self.model(image), label) / accumulation
+                self.scaler.scale(loss).backward()
+            total += float(loss.detach())
+        return total, math.isfinite(total)
+
+    def optimizer_step(self) -> None:
+        if self.config.train.clip_grad_norm > 0:
+            self.scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.network.parameters(), self.config.train.clip_grad_norm)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+
+    def _agree(self, preempted: bool, diverged: bool) -> tuple[bool, bool]:
+        """Both flags as the maximum over all ranks: every rank stops (or fails) after the same step."""
+        flags = torch.tensor([float(preempted), float(diverged)], device=self.device)
+        flags = self.distributed.all_reduce(flags, op="max").tolist()
+        return flags[0] > 0, flags[1] > 0
+
+    def _divergence_message(self, loss: float) -> str:
+        latest = self.checkpoints.steps()
+        kept = f"the last good checkpoint is step {latest[-1]}" if latest else "no checkpoint was written yet"
+        return (f"train/loss is not finite at step {self.step + 1} (this rank: {loss}); stopped before the "
+                f"optimizer step, {kept} in {self.checkpoints.directory}. Lower train.lr or raise "
+                f"train.warmup_steps, or check the data")  # fmt: skip
+
+    def _validation_due(self) -> bool:
+        every = self.config.validation.every
+        due = (every and self.step % every == 0) or self.step == self.config.train.steps
+        return self.validator is not None and bool(due)
+
+    def validate(self) -> ValidationResult:
+        result = self.validator.run(self.network, self.autocast, panels=self.config.wandb.image_panels)
+        self.logger.log(result.metrics(), self.step)
+        self.logger.log_images(result.panels, self.step)
+        dice = ", ".join(f"{name} {value:.3f}" for name, value in result.dice.items())
+        self._say(f"step {self.step}: validation Dice mean {result.dice_mean:.3f} ({dice})")
+        self.last_validation = result
+        return result
+
+    # ----- checkpoints ---------------------------------------------------------------------------
+
+    def save_checkpoint(self) -> Path | None:
+        """All ranks call this (RNG states are gathered); the main rank writes."""
+        rng_states = self.distributed.gather_objects(_rng_state(self.device))
+        path = None
+        if self.distributed.is_main:
+            path = self.checkpoints.save(self.step, {
+                "step": self.step,
+                "model": self.network.state_dict(),
+                "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(),
+                "scaler": self.scaler.state_dict(),
+                "data": self.loader.state_dict(),
+                "rng": rng_states,
+                "config": to_dict(self.config),
+                "class_names": list(self.dataset.class_names),
+                "in_channels": 1,
+                "normalization": vars(self.normalization).copy(),
+                "world_size": self.distributed.world_size,
+                "wandb_id": self.identity["wandb_id"],
+                "git_revision": self.identity.get("git_revision"),
+            })  # fmt: skip
+        self.distributed.barrier()
+        return path
+
+    def _prepare_run(self) -> dict:
+        identity = prepare_run_directory(self.run_dir, self.config) if self.distributed.is_main else None
+        return self.distributed.broadcast_object(identity)
+
+    def _resume(self) -> None:
+        """Continue from the newest complete checkpoint: rank 0 picks it, every rank loads that file."""
+        found = self.checkpoints.load_latest() if self.distributed.is_main else None
+        path = self.distributed.broadcast_object(None if found is None else str(found[0]))
+        if path is None:
+            return
+        state = found[1] if found is not None else load_checkpoint(path)
+        check_classes(self.config, state.get("class_names", []), f"checkpoint {path}")
+        if list(state.get("class_names", [])) != list(self.dataset.class_names):
+            raise TrainingError(f"checkpoint {path}: classes {state.get('class_names')} differ from the dataset's "
+                                f"{self.dataset.class_names}; use another run.dir for a new dataset")  # fmt: skip
+        try:
+            self.network.load_state_dict(state["model"])
+        except RuntimeError as error:
+            raise TrainingError(f"checkpoint {path}: does not fit the [model] section of the config "
+                                f"({str(error).splitlines()[0]})") from None  # fmt: skip
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.loader.load_state_dict(state["data"])
+        rng = state.get("rng") or []
+        if len(rng) == self.distributed.world_size:
+            _set_rng_state(rng[self.distributed.rank], self.device)
+        self.step = int(state["step"])
+        self.identity = {**self.identity, "wandb_id": state.get("wandb_id") or self.identity["wandb_id"]}
+        self._say(f"resumed from {path} at step {self.step}")
+
+    def _maybe_crash(self) -> None:
+        target = os.environ.get(CRASH_ENV)
+        if not target or os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0":
+            return
+        rank, step = (int(part) for part in target.split(":"))
+        if rank == self.distributed.rank and step == self.step:
+            self._say(f"{CRASH_ENV}: rank {rank} exits abruptly after step {step}", every_rank=True)
+            os._exit(1)
+
+    # ----- end of run ----------------------------------------------------------------------------
+
+    def _finish(self, stopped_by: str | None, meter: ThroughputMeter) -> dict:
+        summary = {
+            "step": self.step,
+            "steps": self.config.train.steps,
+            "completed": self.step >= self.config.train.steps,
+            "stopped_by": stopped_by,
+            "world_size": self.distributed.world_size,
+            "device": str(self.device),
+            "run_dir": str(self.run_dir),
+            "checkpoints": str(self.checkpoints.directory),
+            "latest_checkpoint": str(self.checkpoints.directory / f"step-{self.step}.pt"),
+            "wandb_id": self.identity["wandb_id"],
+            **meter.totals(),
+        }
+        if self.last_validation is not None:
+            summary["val/dice_mean"] = self.last_validation.dice_mean
+            summary.update({f"val/dice/{k}": v for k, v in self.last_validation.dice.items()})
+        self.logger.close()
+        if isinstance(self.logger, WandbLogger) and self.logger.run_id is not None:
+            summary["wandb_mode"] = self.logger.mode
+            summary["wandb_dir"] = str(self.run_dir / "wandb")
+            if self.logger.mode == "offline":
+                summary["wandb_sync"] = sync_command(self.run_dir)
+        if self.distributed.is_main:
+            write_summary(self.run_dir, summary)
+        return summary
+
+    def _say(self, text: str, every_rank: bool = False) -> None:
+        if every_rank or self.distributed.is_main:
+            prefix = f"[rank {self.distributed.rank}] " if every_rank else ""
+            print(f"{prefix}{text}", flush=True)
+
+
+class ThroughputMeter:
+    """Loss, patches/s, voxels/s and peak memory over the steps since the last ``collect``, reduced over ranks."""
+
+    def __init__(self, distributed: Distributed, data, accumulation_steps: int):
+        self.distributed = distributed
+        self.patches_per_step = data.batch_size * accumulation_steps * distributed.world_size
+        self.voxels_per_patch = math.prod(data.patch_size)
+        self.loss_sum, self.steps, self.total_steps = 0.0, 0, 0
+        self.started = self.window_started = time.perf_counter()
+        self.last: dict = {}
+
+    def add(self, loss: float) -> None:
+        self.loss_sum += loss
+        self.steps += 1
+        self.total_steps += 1
+
+    def collect(self, learning_rate: float) -> dict:
+        device = self.distributed.device
+        sums = torch.tensor([self.loss_sum, self.steps], dtype=torch.float64, device=device)
+        sums = self.distributed.all_reduce(sums)
+        memory = self.distributed.all_reduce(torch.tensor([_peak_memory_mb(device)], device=device), op="max")
+        elapsed = time.perf_counter() - self.window_started
+        patches_per_s = self.patches_per_step * self.steps / elapsed
+        self.last = {
+            "train/loss": float(sums[0] / sums[1]),
+            "train/lr": learning_rate,
+            "perf/patches_per_s": patches_per_s,
+            "perf/voxels_per_s": patches_per_s * self.voxels_per_patch,
+            "perf/peak_memory_mb": float(memory[0]),
+        }
+        self.loss_sum, self.steps, self.window_started = 0.0, 0, time.perf_counter()
+        return self.last
+
+    def last_line(self, step: int, steps: int) -> str:
+        m = self.last
+        return (f"step {step}/{steps}  loss {m['train/loss']:.4f}  lr {m['train/lr']:.2e}  "
+                f"{m['perf/patches_per_s']:.2f} patches/s  peak memory {m['perf/peak_memory_mb']:.0f} MB")  # fmt: skip
+
+    def totals(self) -> dict:
+        elapsed = time.perf_counter() - self.started
+        patches_per_s = self.patches_per_step * self.total_steps / elapsed if elapsed > 0 else 0.0
+        return {
+            "train_seconds": elapsed,
+            "patches_per_s": patches_per_s,
+            "voxels_per_s": patches_per_s * self.voxels_per_patch,
+            "peak_memory_mb": self.last.get("perf/peak_memory_mb", _peak_memory_mb(self.distributed.device)),
+        }
+
+
+def _peak_memory_mb(device: torch.device) -> float:
+    """Peak CUDA memory allocated on ``device``, or this process's peak RSS on CPU (MB)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def _rng_state(device: torch.device) -> dict:
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def _set_rng_state(state: dict, device: torch.device) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)

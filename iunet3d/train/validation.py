@@ -1,0 +1,102 @@
+"""Patch-based validation on held-out cases: per-class Dice over all ranks, and a few image panels."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from iunet3d.data import CTDataset, CTNormalization
+from iunet3d.train.config import ValidationConfig
+from iunet3d.train.distributed import Distributed
+from iunet3d.train.loss import confusion_counts, dice_scores, mean_dice
+from iunet3d.train.wandb_logger import SegmentationPanel
+
+
+@dataclass
+class ValidationResult:
+    dice: dict[str, float]  #: per foreground class (NaN: absent from labels and predictions)
+    dice_mean: float
+    voxels: int  #: voxels compared, over all ranks
+    panels: list[SegmentationPanel] = field(default_factory=list)  #: the main rank's only
+
+    def metrics(self) -> dict[str, float]:
+        """``val/dice_mean`` and ``val/dice/<class>`` for the logger."""
+        return {"val/dice_mean": self.dice_mean, **{f"val/dice/{name}": v for name, v in self.dice.items()}}
+
+
+class PatchValidator:
+    """Runs the network over this rank's share of fixed validation patches and reduces the Dice counts.
+
+    Every rank must call ``run`` (the counts are summed across ranks). The network is the unwrapped
+    module, not the DDP wrapper: evaluation makes no gradient synchronisation.
+    """
+
+    def __init__(
+        self,
+        dataset: CTDataset,
+        cases: list[str],
+        patch_size: tuple[int, int, int],
+        config: ValidationConfig,
+        distributed: Distributed,
+        normalization: CTNormalization,
+    ):
+        from iunet3d.data import ValidationPatches
+
+        self.class_names = list(dataset.class_names)
+        self.config, self.distributed = config, distributed
+        self.patches = ValidationPatches(
+            dataset,
+            cases=cases,
+            patch_size=patch_size,
+            patches_per_case=config.patches_per_case,
+            foreground_fraction=config.foreground_fraction,
+            rank=distributed.rank,
+            world_size=distributed.world_size,
+            seed=config.seed,
+            normalization=normalization,
+        )
+
+    @torch.no_grad()
+    def run(self, network: nn.Module, autocast, panels: int = 0) -> ValidationResult:
+        from iunet3d.data import validation_loader
+
+        was_training = network.training
+        network.eval()
+        device = self.distributed.device
+        counts = torch.zeros(len(self.class_names), 3, dtype=torch.float64)
+        shown: list[SegmentationPanel] = []
+        try:
+            loader = validation_loader(self.patches, self.config.batch_size, num_workers=0)
+            for batch in loader:
+                with autocast():
+                    logits = network(batch["image"].to(device, non_blocking=True))
+                prediction = logits.argmax(dim=1).cpu()
+                counts += confusion_counts(prediction, batch["label"], len(self.class_names))
+                if self.distributed.is_main and len(shown) < panels:
+                    shown += self._panels(batch, prediction, panels - len(shown))
+        finally:
+            network.train(was_training)
+        counts = self.distributed.all_reduce(counts.to(device)).cpu()
+        dice = dice_scores(counts, self.class_names)
+        return ValidationResult(dice, mean_dice(dice), int(counts[:, [0, 2]].sum()), shown)
+
+    def _panels(self, batch: dict, prediction: torch.Tensor, count: int) -> list[SegmentationPanel]:
+        """The z slice with the most labelled voxels of the first ``count`` patches of the batch."""
+        panels = []
+        for i in range(min(count, len(batch["case"]))):
+            label = batch["label"][i]
+            z = int((label > 0).sum(dim=(1, 2)).argmax())
+            location = batch["location"][i].tolist()
+            panels.append(
+                SegmentationPanel(
+                    key=f"val/panel/{len(panels)}",
+                    image=batch["image"][i, 0, z].float().numpy(),
+                    label=label[z].numpy(),
+                    prediction=prediction[i, z].numpy(),
+                    class_names=self.class_names,
+                    caption=f"{batch['case'][i]} z={location[0] + z} (patch at {location})",
+                )
+            )
+        return panels
