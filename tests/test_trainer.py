@@ -59,7 +59,7 @@ def test_stopping_and_resuming_ends_bit_identical_to_an_uninterrupted_run(datase
     extra = ("train.steps=4", "train.checkpoint_every=3", "data.augment=true")
     straight, _ = train(tiny_config(dataset, tmp_path / "a", *extra))
     stopped, summary = train(tiny_config(dataset, tmp_path / "b", *extra), stop_after_first_step=True)
-    assert summary["step"] == 1 and summary["stopped_by"] == "signal" and not summary["completed"]
+    assert summary["step"] == 1 and summary["stopped_by"] == "SIGTERM" and not summary["completed"]
     assert CheckpointManager(tmp_path / "b" / "checkpoints").steps() == [1]
     resumed, summary = train(tiny_config(dataset, tmp_path / "b", *extra))
     assert resumed.step == 4 and summary["completed"]

@@ -15,7 +15,7 @@ class PreemptionFlag:
 
     def __init__(self, signals: tuple[signal.Signals, ...] = (signal.SIGTERM,)):
         self.requested = False
-        self.signal_name: str | None = None
+        self.signal_name = signals[0].name  #: the signal received (until then: the first one listened to)
         self._previous: dict = {}
         if threading.current_thread() is threading.main_thread():
             for number in signals:
@@ -25,8 +25,12 @@ class PreemptionFlag:
         self.requested = True
         self.signal_name = signal.Signals(number).name
 
-    def restore(self) -> None:
-        """Put the previous handlers back."""
+    def restore(self, preempted: bool = False) -> None:
+        """Put the previous handlers back; after a preemption (``preempted``: this rank or another got the
+        signal) ignore the signals instead. The process is on its way out then, and a signal arriving late
+        (the launcher forwarding it, or the signal reaching the ranks at different times) must not kill it
+        after its checkpoint. Ignoring, not keeping our handler: Python resets its own handlers to the
+        default action at interpreter shutdown, but leaves SIG_IGN alone."""
         for number, handler in self._previous.items():
-            signal.signal(number, handler)
+            signal.signal(number, signal.SIG_IGN if preempted else handler)
         self._previous.clear()

@@ -147,12 +147,12 @@ class Trainer:
                     self.save_checkpoint()
                 self._maybe_crash()
                 if preempted:
-                    stopped_by = self.preemption.signal_name or "signal"
+                    stopped_by = self.preemption.signal_name
                     self._say(f"{stopped_by}: stopped at step {self.step} after saving a checkpoint")
                     break
         finally:
             self.loader.close()
-            self.preemption.restore()
+            self.preemption.restore(preempted=stopped_by is not None)
         return self._finish(stopped_by, meter)
 
     def train_step(self) -> tuple[float, bool]:
