@@ -33,8 +33,12 @@ RUN = ["train.steps=6", "train.checkpoint_every=2", "validation.every=3", "wandb
 TIMEOUT = 300
 
 
+LAUNCH = Path(__file__).resolve().parents[1] / "launch"
+
+
 def environment(**extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"  # torchrun and python of this venv
     env.update(OMP_NUM_THREADS="1", TORCH_DISABLE_SHARE_RDZV_TCP_STORE="1", WANDB_SILENT="true",
                WANDB_DISABLE_GIT="true", WANDB__DISABLE_STATS="true", WANDB__DISABLE_META="true", **extra)  # fmt: skip
     return env
@@ -45,10 +49,19 @@ def torchrun(*arguments: str) -> list[str]:
 
 
 def train_command(dataset: Path, run_dir: Path, *extra: str) -> list[str]:
-    command = ["-m", "iunet3d", "train", "--config", str(DEMO_CONFIG)]
+    return ["-m", "iunet3d", "train", "--config", str(DEMO_CONFIG), *set_arguments(dataset, run_dir, *extra)]
+
+
+def launch_script(script: str, dataset: Path, run_dir: Path) -> list[str]:
+    """``launch/<script> CONFIG --set ...``."""
+    return ["bash", str(LAUNCH / script), str(DEMO_CONFIG), *set_arguments(dataset, run_dir)]
+
+
+def set_arguments(dataset: Path, run_dir: Path, *extra: str) -> list[str]:
+    arguments = []
     for override in overrides(dataset, run_dir, *RUN, *extra):
-        command += ["--set", override]
-    return command
+        arguments += ["--set", override]
+    return arguments
 
 
 def run(command: list[str], **env: str) -> subprocess.CompletedProcess:
@@ -133,7 +146,9 @@ def test_a_worker_killed_mid_run_is_restarted_and_ends_equal_to_the_uninterrupte
     dataset, reference = demo[0] / "data", demo[0] / "run"
     run_dir = tmp_path / "run"
     completed = run(
-        torchrun("--standalone", "--nproc-per-node=2", "--max-restarts=1", *train_command(dataset, run_dir)),
+        launch_script("single_node.sh", dataset, run_dir),
+        NPROC="2",
+        MAX_RESTARTS="1",
         **{CRASH_ENV: "1:3"},  # rank 1 exits abruptly after step 3; the newest checkpoint is step 2
     )
     output = completed.stdout + completed.stderr
@@ -147,11 +162,10 @@ def test_a_worker_killed_mid_run_is_restarted_and_ends_equal_to_the_uninterrupte
 
 def test_two_torchrun_agents_on_localhost_act_as_two_nodes(demo, tmp_path):
     dataset, reference = demo[0] / "data", demo[0] / "run"
-    port = free_port()
-    rendezvous = ["--nnodes=2", "--nproc-per-node=1", "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}",
-                  "--rdzv-id=two-nodes", "--max-restarts=0"]  # fmt: skip
-    command = torchrun(*rendezvous, *train_command(dataset, tmp_path / "run"))
-    agents = [subprocess.Popen(command, env=environment(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    node = environment(NNODES="2", NPROC_PER_NODE="1", RDZV_ENDPOINT=f"127.0.0.1:{free_port()}",
+                       RDZV_ID="two-nodes", MAX_RESTARTS="0")  # fmt: skip
+    command = launch_script("multi_node.sh", dataset, tmp_path / "run")
+    agents = [subprocess.Popen(command, env=node, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
               for _ in range(2)]  # fmt: skip
     outputs = [agent.communicate(timeout=TIMEOUT)[0] for agent in agents]
     assert [agent.returncode for agent in agents] == [0, 0], "\n".join(output[-2000:] for output in outputs)
@@ -186,3 +200,12 @@ def test_sigterm_stops_every_rank_at_the_same_step_with_a_checkpoint_and_exit_co
     assert f"SIGTERM: stopped at step {steps[0]} after saving a checkpoint" in output
     summary = (run_dir / "summary.json").read_text()
     assert '"stopped_by": "SIGTERM"' in summary and f'"step": {steps[0]}' in summary
+
+
+@pytest.mark.parametrize("script", ["single_node.sh", "multi_node.sh", "slurm.sbatch"])
+def test_the_launch_scripts_parse_and_give_restarts_a_fresh_store(script):
+    text = (LAUNCH / script).read_text()
+    assert subprocess.run(["bash", "-n", str(LAUNCH / script)]).returncode == 0
+    assert "export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1" in text and "-m iunet3d train --config" in text
+    if script != "single_node.sh":
+        assert "--rdzv-backend=c10d" in text and "--rdzv-id=" in text and "--max-restarts=" in text
