@@ -1,6 +1,6 @@
 """``iunet3d demo``: the main job on built-in synthetic CT, as a real 2-process torchrun (gloo, CPU).
 
-Writes the synthetic dataset to ``DIR/data`` (unless it is there), trains ``configs/demo.toml`` with the
+Writes the synthetic dataset to ``DIR/data`` (keeping cases already there), trains ``configs/demo.toml`` with the
 run in ``DIR/run``, and prints a summary: steps, per-class validation Dice, throughput, checkpoints, and
 how to upload the offline W&B run.
 """
@@ -18,8 +18,8 @@ from pathlib import Path
 from iunet3d.train.commands import add_config_arguments
 
 DEMO_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "demo.toml"
-DEMO_CASES = 12
-DEMO_SHAPE = (48, 128, 128)
+DEMO_CASES = 16
+DEMO_SHAPE = (64, 160, 160)
 
 
 def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
@@ -41,11 +41,11 @@ def run_demo(args: argparse.Namespace) -> int:
     overrides = [f"data.dataset={data}", f"run.dir={run}", *args.overrides]
     load_training_config(args.config, overrides)  # a bad config fails here, before any work
     started = time.perf_counter()
-    if not (data / "zarr.json").exists():
-        print(f"writing {args.cases} synthetic CT cases to {data}", flush=True)
-        shape = [str(size) for size in args.shape]
-        _run([sys.executable, "-m", "iunet3d", "synth", "--out", str(data), "--cases", str(args.cases),
-              "--shape", *shape, "--no-progress"], "writing the synthetic dataset")  # fmt: skip
+    # Idempotent: cases already complete are kept, so an interrupted demo picks up where it stopped.
+    print(f"synthetic CT: {args.cases} cases in {data}", flush=True)
+    shape = [str(size) for size in args.shape]
+    _run([sys.executable, "-m", "iunet3d", "synth", "--out", str(data), "--cases", str(args.cases),
+          "--shape", *shape, "--no-progress"], "writing the synthetic dataset")  # fmt: skip
     command = torchrun_command(args.nproc, args.config, overrides)
     print("running: " + " ".join(command), flush=True)
     _run(command, "training", environment=torchrun_environment())

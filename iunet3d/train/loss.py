@@ -14,13 +14,15 @@ class DiceCELoss(nn.Module):
 
     logits: (B, K, D, H, W) float; target: (B, D, H, W) int64 class values in [0, K).
 
-    The soft Dice is computed per patch and per foreground class (background excluded, as in nnU-Net)
-    and averaged over both, so the loss of a batch is the mean of its patches' losses: a DDP job over
-    several ranks computes exactly the gradient of one process on the combined batch. ``smooth`` keeps a
-    class that is absent from a patch from dividing by zero (its Dice then rewards predicting none of it).
+    The soft Dice is computed per patch over the foreground classes present in the patch's label
+    (background excluded, as in nnU-Net) and averaged over them; a patch without foreground adds 0. The
+    loss of a batch is the mean of its patches' losses, so a DDP job over several ranks computes exactly
+    the gradient of one process on the combined batch. A class absent from a patch gets no Dice term:
+    its false positives are left to the cross-entropy, instead of a Dice term that would push a small
+    class (a lesion) towards zero everywhere it is absent. ``smooth`` only guards against 0 / 0.
     """
 
-    def __init__(self, dice_weight: float = 1.0, ce_weight: float = 1.0, smooth: float = 1.0):
+    def __init__(self, dice_weight: float = 1.0, ce_weight: float = 1.0, smooth: float = 1e-5):
         super().__init__()
         self.dice_weight, self.ce_weight, self.smooth = dice_weight, ce_weight, smooth
 
@@ -40,7 +42,9 @@ class DiceCELoss(nn.Module):
             intersection = (probabilities * one_hot).sum(axes)
             total = probabilities.sum(axes) + one_hot.sum(axes)
             dice = (2 * intersection + self.smooth) / (total + self.smooth)  # (B, K - 1)
-            loss = loss + self.dice_weight * (1 - dice.mean())
+            present = (one_hot.sum(axes) > 0).to(dice.dtype)
+            per_patch = ((1 - dice) * present).sum(1) / present.sum(1).clamp_min(1)  # (B,)
+            loss = loss + self.dice_weight * per_patch.mean()
         return loss
 
 

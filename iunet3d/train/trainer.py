@@ -70,11 +70,15 @@ class Trainer:
         )
         self.device = distributed.device
         torch.manual_seed(train.seed)
-        self.network = SegmentationIUNet(1, self.dataset.num_classes, **config.model.network_kwargs()).to(self.device)
+        self.memory_format = torch.channels_last_3d if train.channels_last else torch.contiguous_format
+        self.network = SegmentationIUNet(1, self.dataset.num_classes, **config.model.network_kwargs())
+        self.network.to(self.device, memory_format=self.memory_format)
         self.model = self.network
         if distributed.active:
             device_ids = [self.device.index] if self.device.type == "cuda" else None
-            self.model = DistributedDataParallel(self.network, device_ids=device_ids)
+            # Gradients as views of the all-reduce buckets: no copy, and no stride mismatch warning for
+            # 1x1x1 kernels in channels-last format.
+            self.model = DistributedDataParallel(self.network, device_ids=device_ids, gradient_as_bucket_view=True)
         self.loss = DiceCELoss(config.loss.dice_weight, config.loss.ce_weight)
         self.optimizer = torch.optim.AdamW(self.network.parameters(), lr=train.lr, weight_decay=train.weight_decay)
         self.scheduler = build_scheduler(self.optimizer, steps=train.steps, warmup_steps=train.warmup_steps,
@@ -110,10 +114,15 @@ class Trainer:
             seed=self.config.train.seed,
             transform=self.config.augmentation if data.augment else None,
             foreground_fraction=data.foreground_fraction,
+            class_probabilities=data.class_probabilities(self.dataset.num_classes),
             cases=cases,
             normalization=self.normalization,
         )
         return PatchLoader(stream, data.batch_size, data.num_workers, pin_memory=pin_memory)
+
+    def to_device(self, image: torch.Tensor) -> torch.Tensor:
+        """An image batch (B, 1, D, H, W) on the training device, in the network's memory format."""
+        return image.to(self.device, non_blocking=True).contiguous(memory_format=self.memory_format)
 
     def autocast(self):
         if self.autocast_dtype is None:
@@ -162,7 +171,7 @@ class Trainer:
         total = 0.0
         for micro_step in range(accumulation):
             batch = next(self.loader)
-            image = batch["image"].to(self.device, non_blocking=True)
+            image = self.to_device(batch["image"])
             label = batch["label"].to(self.device, non_blocking=True)
             last = micro_step == accumulation - 1
             sync = self.model.no_sync() if self.distributed.active and not last else contextlib.nullcontext()
@@ -201,7 +210,7 @@ class Trainer:
         return self.validator is not None and bool(due)
 
     def validate(self) -> ValidationResult:
-        result = self.validator.run(self.network, self.autocast, panels=self.config.wandb.image_panels)
+        result = self.validator.run(self.network, self.to_device, self.autocast, self.config.wandb.image_panels)
         self.logger.log(result.metrics(), self.step)
         self.logger.log_images(result.panels, self.step)
         dice = ", ".join(f"{name} {value:.3f}" for name, value in result.dice.items())

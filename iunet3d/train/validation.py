@@ -59,26 +59,26 @@ class PatchValidator:
         )
 
     @torch.no_grad()
-    def run(self, network: nn.Module, autocast, panels: int = 0) -> ValidationResult:
+    def run(self, network: nn.Module, to_device, autocast, panels: int = 0) -> ValidationResult:
+        """``to_device`` moves an image batch to the network; ``autocast`` is a context factory."""
         from iunet3d.data import validation_loader
 
         was_training = network.training
         network.eval()
-        device = self.distributed.device
         counts = torch.zeros(len(self.class_names), 3, dtype=torch.float64)
         shown: list[SegmentationPanel] = []
         try:
             loader = validation_loader(self.patches, self.config.batch_size, num_workers=0)
             for batch in loader:
                 with autocast():
-                    logits = network(batch["image"].to(device, non_blocking=True))
+                    logits = network(to_device(batch["image"]))
                 prediction = logits.argmax(dim=1).cpu()
                 counts += confusion_counts(prediction, batch["label"], len(self.class_names))
                 if self.distributed.is_main and len(shown) < panels:
                     shown += self._panels(batch, prediction, panels - len(shown))
         finally:
             network.train(was_training)
-        counts = self.distributed.all_reduce(counts.to(device)).cpu()
+        counts = self.distributed.all_reduce(counts.to(self.distributed.device)).cpu()
         dice = dice_scores(counts, self.class_names)
         return ValidationResult(dice, mean_dice(dice), int(counts[:, [0, 2]].sum()), shown)
 
