@@ -145,3 +145,18 @@ def test_the_segmentation_network_maps_images_to_class_logits_and_trains_every_p
         network(torch.randn(2, 3, 8, 16, 16))
     with pytest.raises(ValueError, match="num_classes"):
         SegmentationIUNet(1, 1)
+
+
+def test_a_class_absent_from_a_patch_gets_no_dice_term_but_its_false_positives_cost_cross_entropy():
+    target = torch.zeros(1, 4, 8, 8, dtype=torch.long)
+    target[:, :2] = 1  # liver present, kidney and lesion absent
+    logits = torch.zeros(1, 4, 4, 8, 8, dtype=torch.float64)
+    logits[:, 1, :2] = 40  # liver exactly right
+    logits[:, 0, 2:] = 40
+    false_positive = logits.clone()
+    false_positive[:, 3, 3, 0, 0] = 80  # one background voxel predicted as lesion
+    dice, cross_entropy = DiceCELoss(1, 0), DiceCELoss(0, 1)
+    assert dice(logits, target) < 1e-6 and dice(false_positive, target) < 1e-6
+    assert cross_entropy(false_positive, target) > cross_entropy(logits, target) + 0.1
+    false_positive[:, 1, 0, 0, 0] = -40  # a liver voxel missed: the present class's Dice term sees it
+    assert dice(false_positive, target) == pytest.approx(1 - 2 * 127 / (2 * 127 + 1), rel=1e-3)

@@ -65,6 +65,7 @@ def test_overrides_replace_file_values_and_are_typed(tmp_path):
         (MINIMAL, ["model.architecture=[2, 2]"], "model.resampling_stride: expected one [z, y, x] stride"),
         (MINIMAL, ["augmentation.affine_probability=2.0"], "augmentation affine_probability"),
         (MINIMAL, ["wandb.mode=sometimes"], "wandb.mode"),
+        (MINIMAL, ["data.class_weights=[1.0, -1.0]"], "data.class_weights: expected weights >= 0"),
         ("", [], "data.dataset: required"),
         ("[data]\ndataset = 3\n", [], "data.dataset: expected a string"),
         ("data = 3\n", [], "'data' must be a section"),
@@ -87,3 +88,10 @@ def test_override_values_are_read_as_toml_else_as_strings():
     assert parse_override("a.b = 0.5") == ("a.b", 0.5)
     assert parse_override("a.b=runs/x") == ("a.b", "runs/x")
     assert parse_override('a.b="quoted"') == ("a.b", "quoted")
+
+
+def test_class_weights_become_the_samplers_class_probabilities_and_must_match_the_classes(tmp_path):
+    config = load_training_config(write(tmp_path, MINIMAL), ["data.class_weights=[1, 1, 3]"])
+    assert config.data.class_probabilities(4) == {1: 1.0, 2: 1.0, 3: 3.0}
+    with pytest.raises(ValueError, match=r"data.class_weights: expected one weight per foreground class \(1\), got 3"):
+        config.data.class_probabilities(2)

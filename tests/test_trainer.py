@@ -107,6 +107,7 @@ def test_a_dataset_with_other_classes_than_the_config_expects_is_named(tmp_path,
 def test_a_run_directory_from_another_dataset_is_refused_on_resume(dataset, tmp_path):
     train(tiny_config(dataset, tmp_path / "run", "train.steps=1", "validation.every=0"))
     other = tiny_dataset(tmp_path / "two_classes", cases=2, shape=(8, 32, 32), class_names=("background", "organ"))
-    config = tiny_config(other, tmp_path / "run", "train.steps=2", "data.classes=['background', 'organ']")
+    config = tiny_config(other, tmp_path / "run", "train.steps=2", "data.classes=['background', 'organ']",
+                         "data.class_weights=[1.0]")  # fmt: skip
     with pytest.raises(TrainingError, match=r"checkpoint .*step-1.pt: has 4 classes"):
         train(config)
