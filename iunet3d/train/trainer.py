@@ -73,6 +73,9 @@ class Trainer:
         self.memory_format = torch.channels_last_3d if train.channels_last else torch.contiguous_format
         self.network = SegmentationIUNet(1, self.dataset.num_classes, **config.model.network_kwargs())
         self.network.to(self.device, memory_format=self.memory_format)
+        for parameter in self.network.parameters():  # 1x1x1 kernels: standard strides, as their gradients have
+            if parameter.dim() == 5 and parameter.shape[2:] == (1, 1, 1):
+                parameter.data = torch.empty_like(parameter, memory_format=torch.contiguous_format).copy_(parameter)
         self.model = self.network
         if distributed.active:
             device_ids = [self.device.index] if self.device.type == "cuda" else None
