@@ -37,15 +37,17 @@ def run_demo(args: argparse.Namespace) -> int:
     if args.nproc < 1:
         raise ValueError(f"--nproc: expected a positive number, got {args.nproc}")
     directory = args.dir.resolve()
-    data, run = directory / "data", directory / "run"
-    overrides = [f"data.dataset={data}", f"run.dir={run}", *args.overrides]
-    load_training_config(args.config, overrides)  # a bad config fails here, before any work
+    data = directory / "data"
+    overrides = [f"data.dataset={data}", f"run.dir={directory / 'run'}", *args.overrides]
+    config = load_training_config(args.config, overrides)  # a bad config fails here, before any work
+    data, run = Path(config.data.dataset), Path(config.run.dir)  # --set may have moved them
     started = time.perf_counter()
     # Idempotent: cases already complete are kept, so an interrupted demo picks up where it stopped.
     print(f"synthetic CT: {args.cases} cases in {data}", flush=True)
     shape = [str(size) for size in args.shape]
     _run([sys.executable, "-m", "iunet3d", "synth", "--out", str(data), "--cases", str(args.cases),
           "--shape", *shape, "--no-progress"], "writing the synthetic dataset")  # fmt: skip
+    (run / "summary.json").unlink(missing_ok=True)  # never report a previous run's results
     command = torchrun_command(args.nproc, args.config, overrides)
     print("running: " + " ".join(command), flush=True)
     _run(command, "training", environment=torchrun_environment())
@@ -83,9 +85,14 @@ def format_summary(summary: dict, seconds: float) -> str:
         "",
         f"demo finished in {seconds / 60:.1f} min: {summary['step']} steps on {summary['world_size']} processes "
         f"({summary['device']})",
-        f"  throughput   {summary['patches_per_s']:.2f} patches/s, {summary['voxels_per_s'] / 1e6:.2f} Mvoxels/s; "
-        f"peak memory {summary['peak_memory_mb']:.0f} MB per process",
     ]
+    if summary.get("steps_this_start"):
+        lines.append(
+            f"  throughput   {summary['patches_per_s']:.2f} patches/s, {summary['voxels_per_s'] / 1e6:.2f} Mvoxels/s; "
+            f"peak memory {summary['peak_memory_mb']:.0f} MB per process"
+        )
+    else:
+        lines.append(f"  (already complete: {summary['run_dir']} resumed at its last step and validated again)")
     if dice:
         lines.append(f"  validation   mean foreground Dice {summary['val/dice_mean']:.3f} on held-out cases")
         lines += [f"    {name:<12} {value:.3f}" for name, value in dice.items()]

@@ -162,6 +162,8 @@ class Trainer:
                     stopped_by = self.preemption.signal_name
                     self._say(f"{stopped_by}: stopped at step {self.step} after saving a checkpoint")
                     break
+            if self.last_validation is None and self.validator is not None and stopped_by is None:
+                self.validate()  # resumed at the last step: the summary still reports validation Dice
         finally:
             self.loader.close()
             self.preemption.restore(preempted=stopped_by is not None)
@@ -239,7 +241,7 @@ class Trainer:
                 "config": to_dict(self.config),
                 "class_names": list(self.dataset.class_names),
                 "in_channels": 1,
-                "normalization": vars(self.normalization).copy(),
+                "normalization": self.normalization.to_dict(),
                 "world_size": self.distributed.world_size,
                 "wandb_id": self.identity["wandb_id"],
                 "git_revision": self.identity.get("git_revision"),
@@ -364,6 +366,7 @@ class ThroughputMeter:
         elapsed = time.perf_counter() - self.started
         patches_per_s = self.patches_per_step * self.total_steps / elapsed if elapsed > 0 else 0.0
         return {
+            "steps_this_start": self.total_steps,
             "train_seconds": elapsed,
             "patches_per_s": patches_per_s,
             "voxels_per_s": patches_per_s * self.voxels_per_patch,
