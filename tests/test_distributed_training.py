@@ -31,6 +31,7 @@ pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 STEPS = 6
 RUN = ["train.steps=6", "train.checkpoint_every=2", "validation.every=3", "wandb.mode=offline"]
 TIMEOUT = 300
+TEXT = {"text": True, "errors": "replace"}  # a rank killed mid-write may leave half a UTF-8 character
 
 
 LAUNCH = Path(__file__).resolve().parents[1] / "launch"
@@ -65,7 +66,7 @@ def set_arguments(dataset: Path, run_dir: Path, *extra: str) -> list[str]:
 
 
 def run(command: list[str], **env: str) -> subprocess.CompletedProcess:
-    completed = subprocess.run(command, env=environment(**env), capture_output=True, text=True, timeout=TIMEOUT)
+    completed = subprocess.run(command, env=environment(**env), capture_output=True, timeout=TIMEOUT, **TEXT)
     assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-3000:]
     return completed
 
@@ -165,7 +166,7 @@ def test_two_torchrun_agents_on_localhost_act_as_two_nodes(demo, tmp_path):
     node = environment(NNODES="2", NPROC_PER_NODE="1", RDZV_ENDPOINT=f"127.0.0.1:{free_port()}",
                        RDZV_ID="two-nodes", MAX_RESTARTS="0")  # fmt: skip
     command = launch_script("multi_node.sh", dataset, tmp_path / "run")
-    agents = [subprocess.Popen(command, env=node, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    agents = [subprocess.Popen(command, env=node, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, **TEXT)
               for _ in range(2)]  # fmt: skip
     outputs = [agent.communicate(timeout=TIMEOUT)[0] for agent in agents]
     assert [agent.returncode for agent in agents] == [0, 0], "\n".join(output[-2000:] for output in outputs)
@@ -182,7 +183,7 @@ def test_sigterm_stops_every_rank_at_the_same_step_with_a_checkpoint_and_exit_co
     command = torchrun("--standalone", "--nproc-per-node=2",
                        *train_command(demo[0] / "data", run_dir, "train.steps=100000",
                                       "train.checkpoint_every=100000"))  # fmt: skip
-    agent = subprocess.Popen(command, env=environment(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    agent = subprocess.Popen(command, env=environment(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, **TEXT)
     lines = []
     for line in agent.stdout:
         lines.append(line)
