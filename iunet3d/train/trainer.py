@@ -164,6 +164,9 @@ class Trainer:
                     break
             if self.last_validation is None and self.validator is not None and stopped_by is None:
                 self.validate()  # resumed at the last step: the summary still reports validation Dice
+        except BaseException:
+            self.logger.close()  # what was logged up to the failure reaches W&B
+            raise
         finally:
             self.loader.close()
             self.preemption.restore(preempted=stopped_by is not None)
