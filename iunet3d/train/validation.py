@@ -83,11 +83,12 @@ class PatchValidator:
         return ValidationResult(dice, mean_dice(dice), int(counts[:, [0, 2]].sum()), shown)
 
     def _panels(self, batch: dict, prediction: torch.Tensor, count: int) -> list[SegmentationPanel]:
-        """The z slice with the most labelled voxels of the first ``count`` patches of the batch."""
+        """The middle z slice of the first ``count`` patches of the batch (foreground-centred patches have
+        their class there)."""
         panels = []
         for i in range(min(count, len(batch["case"]))):
             label = batch["label"][i]
-            z = int((label > 0).sum(dim=(1, 2)).argmax())
+            z = label.shape[0] // 2
             location = batch["location"][i].tolist()
             panels.append(
                 SegmentationPanel(
