@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import tomllib
 
+import numpy as np
 import pytest
 import torch
 from train_helpers import DEMO_CONFIG, overrides, tiny_config, tiny_dataset
@@ -111,3 +112,16 @@ def test_a_run_directory_from_another_dataset_is_refused_on_resume(dataset, tmp_
                          "data.class_weights=[1.0]")  # fmt: skip
     with pytest.raises(TrainingError, match=r"checkpoint .*step-1.pt: has 4 classes"):
         train(config)
+
+
+def test_validation_panels_are_the_middle_slices_of_the_validation_patches(dataset, tmp_path):
+    trainer, _ = train(tiny_config(dataset, tmp_path / "run", "train.steps=1", "wandb.image_panels=2"))
+    panels = trainer.last_validation.panels
+    assert [panel.key for panel in panels] == ["val/panel/0", "val/panel/1"]
+    for index, panel in enumerate(panels):
+        patch = trainer.validator.patches[index]
+        middle = patch["label"].shape[0] // 2
+        assert np.array_equal(panel.label, patch["label"][middle].numpy())
+        assert np.array_equal(panel.image, patch["image"][0, middle].numpy())
+        assert panel.prediction.shape == panel.label.shape and set(np.unique(panel.prediction)) <= {0, 1, 2, 3}
+        assert panel.caption.startswith(patch["case"])
