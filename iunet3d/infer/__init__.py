@@ -1,0 +1,1 @@
+"""Sliding-window prediction of whole volumes (in memory, or streamed through Zarr)."""

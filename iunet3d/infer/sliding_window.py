@@ -1,0 +1,112 @@
+"""Gaussian-weighted sliding-window prediction of a whole volume with a patch-trained network."""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+from collections.abc import Callable, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from iunet3d.infer.windows import gaussian_importance, window_grid
+
+IMAGE_FILL_HU = -1024  #: what lies outside a volume smaller than the patch (air)
+
+
+class SlidingWindowPredictor:
+    """Runs ``network`` over overlapping windows of a volume and blends them into an accumulator.
+
+    network: (B, 1, *patch_size) -> (B, K, *patch_size). Windows overlap by ``overlap`` of the patch,
+    each window's output is weighted by a Gaussian (sigma = patch * ``sigma_scale``), ``batch_size``
+    windows go through the network together, and with ``mirror`` each batch is also predicted mirrored
+    along every combination of axes (8 passes) and the outputs are averaged (test-time augmentation).
+    """
+
+    def __init__(
+        self,
+        network: nn.Module,
+        patch_size: Sequence[int],
+        *,
+        overlap: float = 0.5,
+        batch_size: int = 2,
+        mirror: bool = False,
+        sigma_scale: float = 1 / 8,
+        device: torch.device | str = "cpu",
+        autocast_dtype: torch.dtype | None = None,
+        progress: bool = False,
+    ):
+        if batch_size < 1:
+            raise ValueError(f"batch_size: expected a positive integer, got {batch_size}")
+        self.network, self.patch_size = network, tuple(patch_size)
+        self.overlap, self.batch_size, self.mirror = overlap, batch_size, mirror
+        self.importance = gaussian_importance(self.patch_size, sigma_scale)
+        self.device, self.autocast_dtype, self.progress = torch.device(device), autocast_dtype, progress
+
+    def predict(self, image, accumulator, normalize: Callable[[np.ndarray], np.ndarray] | None = None):
+        """Blend the network's output over ``image`` (D, H, W; numpy or Zarr, read window by window) into
+        ``accumulator`` (whose shape is the image's) and return it. ``normalize`` maps raw windows
+        (e.g. HU) to network input; it must not depend on the window (``CTNormalization`` does not)."""
+        shape = tuple(image.shape)
+        if tuple(accumulator.shape) != shape:
+            raise ValueError(f"accumulator shape {accumulator.shape} differs from the image's {shape}")
+        starts = window_grid(shape, self.patch_size, self.overlap)
+        batches = [starts[i : i + self.batch_size] for i in range(0, len(starts), self.batch_size)]
+        if self.progress:
+            from tqdm import tqdm
+
+            batches = tqdm(batches, desc="windows", unit="batch", leave=False)
+        was_training = self.network.training
+        self.network.eval()
+        try:
+            for batch in batches:
+                windows = np.stack([self._read(image, start, shape, normalize) for start in batch])
+                outputs = self._run(torch.from_numpy(windows)[:, None])
+                for start, output in zip(batch, outputs, strict=True):
+                    valid = tuple(min(p, size - s) for p, size, s in zip(self.patch_size, shape, start, strict=True))
+                    crop = tuple(slice(0, v) for v in valid)
+                    accumulator.add(start, output[(slice(None), *crop)], self.importance[crop])
+        finally:
+            self.network.train(was_training)
+        return accumulator
+
+    def _read(self, image, start, shape, normalize) -> np.ndarray:
+        """The window at ``start``, padded to the patch size where the volume is smaller."""
+        region = tuple(slice(s, min(s + p, size)) for s, p, size in zip(start, self.patch_size, shape, strict=True))
+        window = np.asarray(image[region])
+        padding = [(0, p - n) for p, n in zip(self.patch_size, window.shape, strict=True)]
+        if any(after for _, after in padding):
+            window = np.pad(window, padding, constant_values=IMAGE_FILL_HU)
+        window = normalize(window) if normalize is not None else window
+        return np.asarray(window, dtype=np.float32)
+
+    @torch.no_grad()
+    def _run(self, windows: torch.Tensor) -> np.ndarray:
+        """(B, 1, *patch) -> (B, K, *patch) float32 numpy, averaged over mirrorings when ``mirror``."""
+        windows = windows.to(self.device)
+        flips = [()]
+        if self.mirror:
+            flips = [axes for n in range(4) for axes in itertools.combinations((2, 3, 4), n)]
+        total = None
+        autocast = (
+            torch.autocast(self.device.type, dtype=self.autocast_dtype)
+            if self.autocast_dtype is not None
+            else contextlib.nullcontext()
+        )
+        for axes in flips:
+            with autocast:
+                output = self.network(windows.flip(axes) if axes else windows).float()
+            output = output.flip(axes) if axes else output
+            total = output if total is None else total + output
+        return (total / len(flips)).cpu().numpy()
+
+
+def write_labels(accumulator, labels, probabilities=None) -> None:
+    """Write ``argmax`` of the blended output into ``labels`` (D, H, W) uint8 and, if given, its softmax
+    into ``probabilities`` (K, D, H, W), block by block (numpy or Zarr arrays)."""
+    for region, blended in accumulator.blocks():
+        labels[region] = blended.argmax(axis=0).astype(np.uint8)
+        if probabilities is not None:
+            exponentials = np.exp(blended - blended.max(axis=0, keepdims=True))
+            probabilities[(slice(None), *region)] = exponentials / exponentials.sum(axis=0, keepdims=True)
