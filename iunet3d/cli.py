@@ -48,6 +48,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.add_demo_arguments(demo_parser)
     demo_parser.set_defaults(handler=demo.run_demo)
+    from iunet3d.infer import commands as infer_commands
+
+    predict_parser = commands.add_parser(
+        "predict", help="segment whole volumes with a trained checkpoint (Gaussian-weighted sliding window)"
+    )
+    infer_commands.add_predict_arguments(predict_parser)
+    predict_parser.set_defaults(handler=infer_commands.run_predict)
 
     bench = commands.add_parser("bench", help="benchmarks that print side-by-side tables")
     benchmarks = bench.add_subparsers(dest="benchmark", required=True, metavar="BENCHMARK")

@@ -1,0 +1,51 @@
+"""Per-case, per-class Dice and volumes of a prediction against ground truth, as CSV and JSON."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+COLUMNS = ("case", "class", "dice", "predicted_ml", "reference_ml")
+
+
+def case_metrics(
+    case: str, prediction: np.ndarray, reference: np.ndarray, class_names: Sequence[str], spacing: Sequence[float]
+) -> list[dict]:
+    """One row per foreground class: Dice (NaN when the class is in neither) and both volumes in ml."""
+    if prediction.shape != reference.shape:
+        raise ValueError(f"{case}: prediction {prediction.shape} and reference {reference.shape} differ in shape")
+    k = len(class_names)
+    pairs = reference.astype(np.int64).ravel() * k + np.minimum(prediction, k - 1).astype(np.int64).ravel()
+    confusion = np.bincount(pairs, minlength=k * k).reshape(k, k)
+    voxel_ml = math.prod(spacing) / 1000
+    rows = []
+    for value in range(1, k):
+        overlap, predicted, actual = confusion[value, value], confusion[:, value].sum(), confusion[value].sum()
+        dice = 2 * overlap / (predicted + actual) if predicted + actual else math.nan
+        volumes = {"predicted_ml": float(predicted * voxel_ml), "reference_ml": float(actual * voxel_ml)}
+        rows.append({"case": case, "class": class_names[value], "dice": float(dice), **volumes})
+    return rows
+
+
+def write_metrics(rows: Sequence[dict], out: Path) -> tuple[Path, Path]:
+    """``out/metrics.csv`` (one row per case and class) and ``out/metrics.json`` (rows plus per-class means)."""
+    csv_path, json_path = out / "metrics.csv", out / "metrics.json"
+    with open(csv_path, "w", newline="") as file:
+        writer = csv.DictWriter(file, fieldnames=COLUMNS)
+        writer.writeheader()
+        writer.writerows(rows)
+    classes = list(dict.fromkeys(row["class"] for row in rows))
+    means = {}
+    for name in classes:
+        values = [row["dice"] for row in rows if row["class"] == name and not math.isnan(row["dice"])]
+        means[name] = sum(values) / len(values) if values else None
+    defined = [value for value in means.values() if value is not None]
+    json_rows = [{key: None if isinstance(v, float) and math.isnan(v) else v for key, v in row.items()} for row in rows]
+    summary = {"mean_dice": sum(defined) / len(defined) if defined else None, "dice": means, "rows": json_rows}
+    json_path.write_text(json.dumps(summary, indent=2) + "\n")  # NaN (a class in neither) is written as null
+    return csv_path, json_path

@@ -1,0 +1,68 @@
+"""Predictions stored as OME-Zarr labels: ``<out>/<case>/labels/prediction/0`` in a copy of each case.
+
+The output is a dataset of the input's layout. Each case is copied (image, ground-truth labels and
+index) into ``<out>/.partial/<case>``, the prediction is written there, and only then is the case renamed
+into place: an interrupted prediction never leaves a case that looks complete.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+import zarr
+
+from iunet3d.data import ome
+from iunet3d.data.case_writer import PARTIAL_DIR
+from iunet3d.data.dataset import CTCase
+from iunet3d.data.storage import StorageOptions, blosc_codec, chunk_shape, codec_pipeline
+
+PREDICTION = "prediction"
+
+
+def write_prediction_case(
+    source: CTCase,
+    out: Path,
+    class_names: Sequence[str],
+    fill: Callable[[zarr.Array], None],
+    options: StorageOptions | None = None,
+) -> Path:
+    """Copy case ``source`` into dataset ``out`` with a ``prediction`` label that ``fill`` writes into the
+    given empty uint8 (D, H, W) array; returns the final case path."""
+    options = options or StorageOptions()
+    final, partial = out / source.name, out / PARTIAL_DIR / source.name
+    if partial.exists():
+        shutil.rmtree(partial)
+    partial.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copytree(source.path, partial)
+    case = zarr.open_group(partial, mode="r+")
+    info = dict(case.attrs["iunet3d"])
+    names = [name for name in info.get("labels", []) if name != PREDICTION] + [PREDICTION]
+    labels = case.require_group("labels")
+    labels.update_attributes(ome.labels_group_attributes(names))
+    if PREDICTION in labels:
+        del labels[PREDICTION]
+    attributes = ome.label_image_attributes(PREDICTION, source.spacing, source.origin, list(class_names))
+    group = labels.create_group(PREDICTION, attributes=attributes)
+    with codec_pipeline():
+        array = group.create_array(
+            ome.LEVEL_PATH,
+            shape=source.shape,
+            dtype="uint8",
+            chunks=chunk_shape(source.shape, source.spacing, options),
+            compressors=[blosc_codec(options, np.dtype("uint8"))],
+            fill_value=0,
+            dimension_names=["z", "y", "x"],
+        )
+        fill(array)
+    case.update_attributes({"iunet3d": {**info, "labels": names}})
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(partial, final)
+    with contextlib.suppress(OSError):  # other cases may still be in progress there
+        partial.parent.rmdir()
+    return final
