@@ -17,6 +17,9 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     from iunet3d.data import commands as data_commands
+    from iunet3d.infer import commands as infer_commands
+    from iunet3d.train import commands as train_commands
+    from iunet3d.train import demo
 
     for name, help_text, add_arguments, handler in (
         ("convert", "convert NIfTI/NRRD/MHA/DICOM CT (and labels) into a Zarr dataset",
@@ -27,55 +30,34 @@ def build_parser() -> argparse.ArgumentParser:
          data_commands.add_export_arguments, data_commands.run_export),
         ("info", "summarise a dataset: classes, cases, spacing and intensity statistics",
          data_commands.add_info_arguments, data_commands.run_info),
+        ("train", "train a segmentation iUNet from a TOML config: one process as it is, several with "
+         "`torchrun --nproc-per-node=N -m iunet3d train --config FILE`",
+         train_commands.add_train_arguments, train_commands.run_train),
+        ("demo", "the main job: synthetic CT, 2-process torchrun training on CPU, summary",
+         demo.add_demo_arguments, demo.run_demo),
+        ("predict", "segment whole volumes with a trained checkpoint (Gaussian-weighted sliding window)",
+         infer_commands.add_predict_arguments, infer_commands.run_predict),
     ):  # fmt: skip
-        command = commands.add_parser(name, help=help_text, description=help_text)
-        add_arguments(command)
-        command.set_defaults(handler=handler)
-
-    from iunet3d.train import commands as train_commands
-    from iunet3d.train import demo
-
-    train_parser = commands.add_parser(
-        "train",
-        help="train a segmentation iUNet (one process, or each rank under torchrun)",
-        description="Train a segmentation iUNet from a TOML config. One process as it is; several with "
-        "`torchrun --nproc-per-node=N -m iunet3d train --config FILE`.",
-    )
-    train_commands.add_train_arguments(train_parser)
-    train_parser.set_defaults(handler=train_commands.run_train)
-    demo_parser = commands.add_parser(
-        "demo", help="the main job: synthetic CT, 2-process torchrun training on CPU, summary"
-    )
-    demo.add_demo_arguments(demo_parser)
-    demo_parser.set_defaults(handler=demo.run_demo)
-    from iunet3d.infer import commands as infer_commands
-
-    predict_parser = commands.add_parser(
-        "predict", help="segment whole volumes with a trained checkpoint (Gaussian-weighted sliding window)"
-    )
-    infer_commands.add_predict_arguments(predict_parser)
-    predict_parser.set_defaults(handler=infer_commands.run_predict)
+        _add_command(commands, name, help_text, add_arguments, handler)
 
     bench = commands.add_parser("bench", help="benchmarks that print side-by-side tables")
     benchmarks = bench.add_subparsers(dest="benchmark", required=True, metavar="BENCHMARK")
     from iunet3d.bench import data, memory, read
 
-    memory_parser = benchmarks.add_parser(
-        "memory", help="conventional vs reversible peak training memory and step time over depth"
-    )
-    memory.add_arguments(memory_parser)
-    memory_parser.set_defaults(handler=memory.run)
-    read_parser = benchmarks.add_parser(
-        "read", help="random region reads from a CT volume in Zarr: our chunking and codec vs zarr's defaults"
-    )
-    read.add_arguments(read_parser)
-    read_parser.set_defaults(handler=read.run)
-    data_parser = benchmarks.add_parser(
-        "data", help="training patches/s and peak memory: our PatchStream from Zarr vs TorchIO's Queue from .nii.gz"
-    )
-    data.add_arguments(data_parser)
-    data_parser.set_defaults(handler=data.run)
+    for name, help_text, module in (
+        ("memory", "conventional vs reversible peak training memory and step time over depth", memory),
+        ("read", "random region reads from a CT volume in Zarr: our chunking and codec vs zarr's defaults", read),
+        ("data", "training patches/s and peak memory: our PatchStream from Zarr vs TorchIO's Queue from .nii.gz",
+         data),
+    ):  # fmt: skip
+        _add_command(benchmarks, name, help_text, module.add_arguments, module.run)
     return parser
+
+
+def _add_command(commands, name: str, help_text: str, add_arguments, handler) -> None:
+    command = commands.add_parser(name, help=help_text, description=help_text)
+    add_arguments(command)
+    command.set_defaults(handler=handler)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -10,23 +10,18 @@ import numpy as np
 import pytest
 import zarr
 from ome_zarr_models.v05 import ImageLabel, Labels
-from train_helpers import tiny_config, tiny_dataset
+from train_helpers import tiny_dataset, train_tiny_checkpoint
 
 from iunet3d.cli import main
 from iunet3d.data import export_case, open_dataset
 from iunet3d.infer.case_metrics import case_metrics
 from iunet3d.infer.trained_model import load_trained_model, predict_volume
-from iunet3d.train.distributed import Distributed
-from iunet3d.train.trainer import Trainer
 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    root = tmp_path_factory.mktemp("predict_cli")
-    dataset = tiny_dataset(root / "data", cases=3, shape=(12, 40, 44))
-    config = tiny_config(dataset, root / "run", "train.steps=3", "train.checkpoint_every=3", "validation.every=0")
-    Trainer(config, Distributed()).fit()
-    return dataset, root / "run" / "checkpoints" / "step-3.pt"
+    dataset, checkpoint, _ = train_tiny_checkpoint(tmp_path_factory.mktemp("predict_cli"))
+    return dataset, checkpoint
 
 
 def predict(*args: str) -> None:

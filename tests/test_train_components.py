@@ -8,9 +8,10 @@ import numpy as np
 import pytest
 import torch
 
+from iunet3d.infer.dice import confusion_counts, dice_scores, mean_dice
 from iunet3d.models.segmentation import SegmentationIUNet
 from iunet3d.train.checkpoint import CheckpointManager, load_checkpoint
-from iunet3d.train.loss import DiceCELoss, confusion_counts, dice_scores, mean_dice
+from iunet3d.train.loss import DiceCELoss
 from iunet3d.train.schedule import lr_factor
 
 CLASSES = ["background", "liver", "kidney", "lesion"]

@@ -6,22 +6,15 @@ import numpy as np
 import pytest
 import torch
 import zarr
-from train_helpers import tiny_config, tiny_dataset
+from train_helpers import train_tiny_checkpoint
 
 from iunet3d.data import open_dataset
 from iunet3d.infer.trained_model import load_trained_model, predict_volume
-from iunet3d.train.distributed import Distributed
-from iunet3d.train.trainer import Trainer
 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    root = tmp_path_factory.mktemp("predict")
-    dataset = tiny_dataset(root / "data", cases=3, shape=(12, 40, 44))
-    config = tiny_config(dataset, root / "run", "train.steps=3", "train.checkpoint_every=3", "validation.every=0")
-    trainer = Trainer(config, Distributed())
-    trainer.fit()
-    return dataset, root / "run" / "checkpoints" / "step-3.pt", trainer
+    return train_tiny_checkpoint(tmp_path_factory.mktemp("predict"))
 
 
 def test_a_checkpoint_restores_the_trained_network_and_what_prediction_needs(trained):

@@ -8,9 +8,9 @@ from data_helpers import store_case
 
 from iunet3d.data.synth import SYNTH_CLASS_NAMES, make_phantom
 from iunet3d.train.config import TrainingConfig, load_training_config
+from iunet3d.train.demo import DEMO_CONFIG
 
 REPO = Path(__file__).resolve().parents[1]
-DEMO_CONFIG = REPO / "configs" / "demo.toml"
 
 #: A network and patches small enough for a CPU step in well under a second.
 TINY = [
@@ -44,3 +44,15 @@ def overrides(dataset: Path, run_dir: Path, *extra: str) -> list[str]:
 
 def tiny_config(dataset: Path, run_dir: Path, *extra: str) -> TrainingConfig:
     return load_training_config(DEMO_CONFIG, overrides(dataset, run_dir, *extra))
+
+
+def train_tiny_checkpoint(root: Path):
+    """A 3-step run on 3 small phantoms in ``root``: (dataset, ``step-3.pt``, the finished trainer)."""
+    from iunet3d.train.distributed import Distributed
+    from iunet3d.train.trainer import Trainer
+
+    dataset = tiny_dataset(root / "data", cases=3, shape=(12, 40, 44))
+    config = tiny_config(dataset, root / "run", "train.steps=3", "train.checkpoint_every=3", "validation.every=0")
+    trainer = Trainer(config, Distributed())
+    trainer.fit()
+    return dataset, root / "run" / "checkpoints" / "step-3.pt", trainer

@@ -22,7 +22,27 @@ def accumulator_bytes(num_classes: int, shape: Sequence[int]) -> int:
     return 4 * (num_classes + 1) * math.prod(shape)
 
 
-class MemoryAccumulator:
+class _Accumulator:
+    """Blending shared by both: ``sums`` (K, D, H, W) and ``weights`` (D, H, W), numpy or Zarr arrays."""
+
+    num_classes: int
+    shape: tuple[int, ...]
+    block: tuple[int, ...]
+
+    def add(self, start: Sequence[int], output: np.ndarray, weight: np.ndarray) -> None:
+        """output (K, d, h, w) of the window at ``start``, weighted by weight (d, h, w)."""
+        region = _region(start, weight.shape)
+        channels = (slice(None), *region)
+        self.sums[channels] = self.sums[channels] + output * weight
+        self.weights[region] = self.weights[region] + weight
+
+    def blocks(self) -> Iterator[tuple[tuple[slice, ...], np.ndarray]]:
+        """(region, blended output (K, *region shape)) for each block of the volume."""
+        for region in block_regions(self.shape, self.block):
+            yield region, self.sums[(slice(None), *region)] / self.weights[region]
+
+
+class MemoryAccumulator(_Accumulator):
     """Sums in two numpy arrays: (K, D, H, W) and (D, H, W), float32."""
 
     def __init__(self, num_classes: int, shape: Sequence[int], block: Sequence[int] | None = None):
@@ -31,19 +51,8 @@ class MemoryAccumulator:
         self.weights = np.zeros(self.shape, np.float32)
         self.block = tuple(block or self.shape)
 
-    def add(self, start: Sequence[int], output: np.ndarray, weight: np.ndarray) -> None:
-        """output (K, d, h, w) of the window at ``start``, weighted by weight (d, h, w)."""
-        region = _region(start, weight.shape)
-        self.sums[(slice(None), *region)] += output * weight
-        self.weights[region] += weight
 
-    def blocks(self) -> Iterator[tuple[tuple[slice, ...], np.ndarray]]:
-        """(region, blended output (K, *region shape)) for each block of the volume."""
-        for region in block_regions(self.shape, self.block):
-            yield region, self.sums[(slice(None), *region)] / self.weights[region]
-
-
-class ZarrAccumulator:
+class ZarrAccumulator(_Accumulator):
     """Sums in a Zarr store at ``path`` (uncompressed float32 chunks of ``chunk`` voxels, all K channels
     in one chunk); each ``add`` reads and writes only the chunks the window overlaps."""
 
@@ -53,16 +62,6 @@ class ZarrAccumulator:
         options = {"dtype": "float32", "compressors": None, "fill_value": 0.0}
         self.sums = root.create_array("sums", shape=(num_classes, *self.shape), chunks=(num_classes, *chunk), **options)
         self.weights = root.create_array("weights", shape=self.shape, chunks=self.block, **options)
-
-    def add(self, start: Sequence[int], output: np.ndarray, weight: np.ndarray) -> None:
-        region = _region(start, weight.shape)
-        channels = (slice(None), *region)
-        self.sums[channels] = self.sums[channels] + output * weight
-        self.weights[region] = self.weights[region] + weight
-
-    def blocks(self) -> Iterator[tuple[tuple[slice, ...], np.ndarray]]:
-        for region in block_regions(self.shape, self.block):
-            yield region, self.sums[(slice(None), *region)] / self.weights[region]
 
 
 def block_regions(shape: Sequence[int], block: Sequence[int]) -> Iterator[tuple[slice, ...]]:

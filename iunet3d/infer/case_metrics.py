@@ -9,6 +9,9 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+import torch
+
+from iunet3d.infer.dice import confusion_counts, dice_scores
 
 COLUMNS = ("case", "class", "dice", "predicted_ml", "reference_ml")
 
@@ -19,16 +22,16 @@ def case_metrics(
     """One row per foreground class: Dice (NaN when the class is in neither) and both volumes in ml."""
     if prediction.shape != reference.shape:
         raise ValueError(f"{case}: prediction {prediction.shape} and reference {reference.shape} differ in shape")
-    k = len(class_names)
-    pairs = reference.astype(np.int64).ravel() * k + np.minimum(prediction, k - 1).astype(np.int64).ravel()
-    confusion = np.bincount(pairs, minlength=k * k).reshape(k, k)
+    counts = confusion_counts(torch.from_numpy(np.asarray(prediction)), torch.from_numpy(np.asarray(reference)),
+                              len(class_names))  # fmt: skip
+    dice = dice_scores(counts, list(class_names))
     voxel_ml = math.prod(spacing) / 1000
     rows = []
-    for value in range(1, k):
-        overlap, predicted, actual = confusion[value, value], confusion[:, value].sum(), confusion[value].sum()
-        dice = 2 * overlap / (predicted + actual) if predicted + actual else math.nan
-        volumes = {"predicted_ml": float(predicted * voxel_ml), "reference_ml": float(actual * voxel_ml)}
-        rows.append({"case": case, "class": class_names[value], "dice": float(dice), **volumes})
+    for value, name in enumerate(class_names[1:], start=1):
+        true_positive, false_positive, false_negative = counts[value].tolist()
+        volumes = {"predicted_ml": (true_positive + false_positive) * voxel_ml,
+                   "reference_ml": (true_positive + false_negative) * voxel_ml}  # fmt: skip
+        rows.append({"case": case, "class": name, "dice": float(dice[name]), **volumes})
     return rows
 
 

@@ -42,8 +42,8 @@ class CheckpointManager:
         """Write ``state`` as ``step-<step>.pt`` atomically, point ``latest`` at it, drop the oldest."""
         self.directory.mkdir(parents=True, exist_ok=True)
         path = checkpoint_path(self.directory, step)
-        _atomic_write(path, lambda file: torch.save(state, file))
-        _atomic_write(self.directory / "latest", lambda file: file.write(f"{path.name}\n".encode()))
+        atomic_write(path, lambda file: torch.save(state, file))
+        atomic_write(self.directory / "latest", lambda file: file.write(f"{path.name}\n".encode()))
         for old in self.steps()[: -self.keep]:
             checkpoint_path(self.directory, old).unlink(missing_ok=True)
         for leftover in self.directory.glob("*.tmp"):
@@ -73,7 +73,8 @@ def load_checkpoint(path: Path | str, map_location: str | torch.device = "cpu") 
     return state
 
 
-def _atomic_write(path: Path, write) -> None:
+def atomic_write(path: Path, write) -> None:
+    """Write ``path`` through ``write(file)`` on ``path.tmp``, fsync, rename: readers see all of it or none."""
     temporary = path.with_name(path.name + ".tmp")
     try:
         with open(temporary, "wb") as file:

@@ -10,10 +10,10 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 from pathlib import Path
 
+from iunet3d.train.checkpoint import atomic_write
 from iunet3d.train.toml_config import to_toml
 from iunet3d.train.wandb_logger import generate_run_id
 
@@ -30,9 +30,7 @@ def git_revision() -> str | None:
 
 
 def write_text_atomically(path: Path, text: str) -> None:
-    temporary = path.with_name(path.name + ".tmp")
-    temporary.write_text(text)
-    os.replace(temporary, path)
+    atomic_write(path, lambda file: file.write(text.encode()))
 
 
 def prepare_run_directory(run_dir: Path, config) -> dict:

@@ -242,12 +242,10 @@ class Trainer:
                 "rng": rng_states,
                 "config": to_dict(self.config),
                 "class_names": list(self.dataset.class_names),
-                "in_channels": 1,
                 "network": {"in_channels": 1, "num_classes": self.dataset.num_classes,
                             **self.config.model.network_kwargs()},
                 "patch_size": list(self.config.data.patch_size),
                 "normalization": self.normalization.to_dict(),
-                "world_size": self.distributed.world_size,
                 "wandb_id": self.identity["wandb_id"],
                 "git_revision": self.identity.get("git_revision"),
             })  # fmt: skip

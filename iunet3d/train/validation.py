@@ -8,9 +8,9 @@ import torch
 from torch import nn
 
 from iunet3d.data import CTDataset, CTNormalization
+from iunet3d.infer.dice import confusion_counts, dice_scores, mean_dice
 from iunet3d.train.config import ValidationConfig
 from iunet3d.train.distributed import Distributed
-from iunet3d.train.loss import confusion_counts, dice_scores, mean_dice
 from iunet3d.train.wandb_logger import SegmentationPanel
 
 
@@ -18,7 +18,6 @@ from iunet3d.train.wandb_logger import SegmentationPanel
 class ValidationResult:
     dice: dict[str, float]  #: per foreground class (NaN: absent from labels and predictions)
     dice_mean: float
-    voxels: int  #: voxels compared, over all ranks
     panels: list[SegmentationPanel] = field(default_factory=list)  #: the main rank's only
 
     def metrics(self) -> dict[str, float]:
@@ -80,24 +79,23 @@ class PatchValidator:
             network.train(was_training)
         counts = self.distributed.all_reduce(counts.to(self.distributed.device)).cpu()
         dice = dice_scores(counts, self.class_names)
-        return ValidationResult(dice, mean_dice(dice), int(counts[:, [0, 2]].sum()), shown)
+        return ValidationResult(dice, mean_dice(dice), shown)
 
     def _panels(self, batch: dict, prediction: torch.Tensor, count: int) -> list[SegmentationPanel]:
         """The middle z slice of the first ``count`` patches of the batch (foreground-centred patches have
         their class there)."""
         panels = []
         for i in range(min(count, len(batch["case"]))):
-            label = batch["label"][i]
-            z = label.shape[0] // 2
             location = batch["location"][i].tolist()
+            z = location[0] + batch["label"].shape[1] // 2
             panels.append(
-                SegmentationPanel(
-                    key=f"val/panel/{len(panels)}",
-                    image=batch["image"][i, 0, z].float().numpy(),
-                    label=label[z].numpy(),
-                    prediction=prediction[i, z].numpy(),
-                    class_names=self.class_names,
-                    caption=f"{batch['case'][i]} z={location[0] + z} (patch at {location})",
+                SegmentationPanel.middle_slice(
+                    f"val/panel/{len(panels)}",
+                    batch["image"][i, 0].float().numpy(),
+                    batch["label"][i].numpy(),
+                    prediction[i].numpy(),
+                    self.class_names,
+                    caption=f"{batch['case'][i]} z={z} (patch at {location})",
                 )
             )
         return panels
