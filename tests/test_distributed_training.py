@@ -8,7 +8,9 @@ with bit-identical parameters, which also shows the data stream does not depend 
 
 from __future__ import annotations
 
+import csv
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -16,6 +18,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from ddp_gradients_worker import gradients, network_and_batch
@@ -210,3 +213,27 @@ def test_the_launch_scripts_parse_and_give_restarts_a_fresh_store(script):
     assert "export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1" in text and "-m iunet3d train --config" in text
     if script != "single_node.sh":
         assert "--rdzv-backend=c10d" in text and "--rdzv-id=" in text and "--max-restarts=" in text
+
+
+def test_predict_under_torchrun_shares_the_cases_out_and_writes_one_dataset(demo, tmp_path):
+    """Each of 2 ranks predicts its share of the 4 demo cases; the output equals one process's."""
+    from iunet3d.data import open_dataset
+    from iunet3d.infer.sharding import shard_cases
+    from iunet3d.infer.trained_model import load_trained_model, predict_volume
+
+    directory = demo[0]
+    checkpoint, data, out = directory / "run" / "checkpoints" / "step-6.pt", directory / "data", tmp_path / "out"
+    completed = run(torchrun("--standalone", "--nproc-per-node=2", "-m", "iunet3d", "predict", "--checkpoint",
+                             str(checkpoint), "--input", str(data), "--out", str(out), "--no-progress"))  # fmt: skip
+    dataset = open_dataset(data)
+    shards = shard_cases({name: 1 for name in dataset.case_names}, 2)  # equal sizes: 2 cases per rank
+    for rank, shard in enumerate(shards):
+        predicted = re.findall(rf"\[rank {rank}\] \[\d/\d\] (\S+) ", completed.stdout)
+        assert predicted == shard and len(shard) == 2, completed.stdout
+    assert open_dataset(out).case_names == dataset.case_names and not (out / ".partial").exists()
+    model = load_trained_model(checkpoint)
+    for name in dataset.case_names:
+        expected = predict_volume(model, dataset.case(name).image_array)
+        assert np.array_equal(open_dataset(out).case(name).label_array("prediction")[...], expected), name
+    rows = list(csv.DictReader((out / "metrics.csv").read_text().splitlines()))
+    assert [row["case"] for row in rows] == [name for name in dataset.case_names for _ in model.class_names[1:]]

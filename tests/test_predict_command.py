@@ -9,7 +9,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import zarr
-from ome_zarr_models.v05 import ImageLabel, Labels
+from ome_zarr_models.v05 import Image, ImageLabel, Labels
 from train_helpers import tiny_dataset, train_tiny_checkpoint
 
 from iunet3d.cli import main
@@ -32,7 +32,7 @@ def test_a_dataset_gets_prediction_labels_metrics_and_nifti_files(trained, tmp_p
     dataset, checkpoint = trained
     out, nifti = tmp_path / "out", tmp_path / "nifti"
     predict("--checkpoint", str(checkpoint), "--input", str(dataset), "--out", str(out), "--case", "case_0",
-            "--case", "case_2", "--nifti", str(nifti), "--max-memory", "0.01")  # fmt: skip
+            "--case", "case_2", "--nifti", str(nifti), "--probabilities")  # fmt: skip
     assert open_dataset(out).case_names == ["case_0", "case_2"]
     assert not (out / ".partial").exists()
     model = load_trained_model(checkpoint)
@@ -49,6 +49,14 @@ def test_a_dataset_gets_prediction_labels_metrics_and_nifti_files(trained, tmp_p
         group = zarr.open_group(case.path, mode="r")
         assert Labels.from_zarr(group["labels"]).attributes.ome.labels == ["segmentation", "prediction"]
         ImageLabel.from_zarr(group["labels/prediction"])  # valid OME-Zarr 0.5 image-label
+        Image.from_zarr(group["probabilities"])  # a valid OME-Zarr 0.5 image with a channel axis
+        probabilities = np.asarray(group["probabilities/0"][...], dtype=np.float32)
+        assert probabilities.shape == (len(model.class_names), *prediction.shape)
+        assert group["probabilities/0"].dtype == np.float16
+        assert np.allclose(probabilities.sum(axis=0), 1, atol=4e-3) and probabilities.min() >= 0
+        ordered = np.sort(probabilities, axis=0)
+        clear = ordered[-1] - ordered[-2] > 4e-3  # float16 rounding can only swap near-ties
+        assert clear.mean() > 0.9 and np.array_equal(probabilities.argmax(axis=0)[clear], prediction[clear])
         expected = case_metrics(name, prediction, source.label_array()[...], model.class_names, source.spacing)
         for row, want in zip([r for r in rows if r["case"] == name], expected, strict=True):
             assert float(row["dice"]) == pytest.approx(want["dice"], nan_ok=True)

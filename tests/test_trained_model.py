@@ -34,7 +34,7 @@ def test_streamed_and_in_memory_prediction_give_the_same_labels_of_a_whole_case(
     image = case.image_array  # read window by window from Zarr
     in_memory = predict_volume(model, image, overlap=0.5)
     out = zarr.create_array(str(tmp_path / "labels.zarr"), shape=image.shape, chunks=(8, 16, 16), dtype="uint8")
-    streamed = predict_volume(model, image, overlap=0.5, max_memory=10_000, scratch=tmp_path, out=out)
+    streamed = predict_volume(model, image, overlap=0.5, stream=True, scratch=tmp_path, out=out)
     assert in_memory.shape == tuple(image.shape) and in_memory.dtype == np.uint8 and in_memory.max() < 4
     assert np.array_equal(np.asarray(streamed[...]), in_memory)
     assert list(tmp_path.glob("iunet3d-accumulator-*")) == []  # the temporary accumulator is removed

@@ -44,6 +44,24 @@ def multiscales(name: str, spacing: Sequence[float], origin: Sequence[float]) ->
     ]
 
 
+def channel_image_attributes(
+    name: str, spacing: Sequence[float], origin: Sequence[float], channel_names: Sequence[str]
+) -> dict:
+    """A one-level image with a leading channel axis (c, z, y, x), e.g. per-class probabilities; the
+    channel names are listed in the ``omero`` block (its ``channels`` labels)."""
+    (description,) = multiscales(name, spacing, origin)
+    description["axes"] = [{"name": "c", "type": "channel"}, *description["axes"]]
+    for transform in description["datasets"][0]["coordinateTransformations"]:
+        key = transform["type"]
+        transform[key] = [1.0 if key == "scale" else 0.0, *transform[key]]
+    channels = [
+        {"label": channel, "active": True, "coefficient": 1.0, "color": "FFFFFF", "family": "linear",
+         "inverted": False, "window": {"start": 0.0, "end": 1.0, "min": 0.0, "max": 1.0}}
+        for channel in channel_names
+    ]  # fmt: skip
+    return {"ome": {"version": OME_VERSION, "multiscales": [description], "omero": {"channels": channels}}}
+
+
 def image_attributes(name: str, spacing: Sequence[float], origin: Sequence[float]) -> dict:
     return {"ome": {"version": OME_VERSION, "multiscales": multiscales(name, spacing, origin)}}
 

@@ -54,14 +54,24 @@ class MemoryAccumulator(_Accumulator):
 
 class ZarrAccumulator(_Accumulator):
     """Sums in a Zarr store at ``path`` (uncompressed float32 chunks of ``chunk`` voxels, all K channels
-    in one chunk); each ``add`` reads and writes only the chunks the window overlaps."""
+    in one chunk); each ``add`` reads and writes only the chunks the window overlaps. ``blocks`` hands
+    back regions of ``block`` voxels (default: one chunk), e.g. the chunks of the output array, so
+    that each output chunk is written once."""
 
-    def __init__(self, path: Path | str, num_classes: int, shape: Sequence[int], chunk: Sequence[int]):
-        self.num_classes, self.shape, self.block = num_classes, tuple(shape), tuple(chunk)
+    def __init__(
+        self,
+        path: Path | str,
+        num_classes: int,
+        shape: Sequence[int],
+        chunk: Sequence[int],
+        block: Sequence[int] | None = None,
+    ):
+        self.num_classes, self.shape = num_classes, tuple(shape)
+        self.block = tuple(block or chunk)
         root = zarr.open_group(str(path), mode="w")
         options = {"dtype": "float32", "compressors": None, "fill_value": 0.0}
         self.sums = root.create_array("sums", shape=(num_classes, *self.shape), chunks=(num_classes, *chunk), **options)
-        self.weights = root.create_array("weights", shape=self.shape, chunks=self.block, **options)
+        self.weights = root.create_array("weights", shape=self.shape, chunks=tuple(chunk), **options)
 
 
 def block_regions(shape: Sequence[int], block: Sequence[int]) -> Iterator[tuple[slice, ...]]:

@@ -11,19 +11,32 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from iunet3d.infer.accumulator import block_regions
 from iunet3d.infer.dice import confusion_counts, dice_scores
 
 COLUMNS = ("case", "class", "dice", "predicted_ml", "reference_ml")
 
 
-def case_metrics(
-    case: str, prediction: np.ndarray, reference: np.ndarray, class_names: Sequence[str], spacing: Sequence[float]
-) -> list[dict]:
-    """One row per foreground class: Dice (NaN when the class is in neither) and both volumes in ml."""
-    if prediction.shape != reference.shape:
-        raise ValueError(f"{case}: prediction {prediction.shape} and reference {reference.shape} differ in shape")
-    counts = confusion_counts(torch.from_numpy(np.asarray(prediction)), torch.from_numpy(np.asarray(reference)),
-                              len(class_names))  # fmt: skip
+def volume_confusion_counts(prediction, reference, num_classes: int, block: Sequence[int] | None = None):
+    """``confusion_counts`` of two label volumes (D, H, W; numpy or Zarr) summed over ``block``-sized
+    regions (default: the prediction's chunks, else the whole volume), so memory stays bounded."""
+    if tuple(prediction.shape) != tuple(reference.shape):
+        raise ValueError(f"prediction {tuple(prediction.shape)} and reference {tuple(reference.shape)} differ in shape")
+    block = tuple(block or getattr(prediction, "chunks", None) or prediction.shape)
+    counts = torch.zeros(num_classes, 3, dtype=torch.float64)
+    for region in block_regions(tuple(prediction.shape), block):
+        counts += confusion_counts(torch.from_numpy(np.asarray(prediction[region])),
+                                   torch.from_numpy(np.asarray(reference[region])), num_classes)  # fmt: skip
+    return counts
+
+
+def case_metrics(case: str, prediction, reference, class_names: Sequence[str], spacing: Sequence[float]) -> list[dict]:
+    """One row per foreground class: Dice (NaN when the class is in neither) and both volumes in ml.
+    prediction, reference: label volumes (D, H, W), numpy or Zarr (counted chunk by chunk)."""
+    try:
+        counts = volume_confusion_counts(prediction, reference, len(class_names))
+    except ValueError as error:
+        raise ValueError(f"{case}: {error}") from None
     dice = dice_scores(counts, list(class_names))
     voxel_ml = math.prod(spacing) / 1000
     rows = []

@@ -22,17 +22,20 @@ from iunet3d.data.dataset import CTCase
 from iunet3d.data.storage import StorageOptions, blosc_codec, chunk_shape, codec_pipeline
 
 PREDICTION = "prediction"
+PROBABILITIES = "probabilities"  #: ``<case>/probabilities/0``: float16 (K, D, H, W) softmax, OME channel image
 
 
 def write_prediction_case(
     source: CTCase,
     out: Path,
     class_names: Sequence[str],
-    fill: Callable[[zarr.Array], None],
+    fill: Callable[[zarr.Array, zarr.Array | None], None],
     options: StorageOptions | None = None,
+    probabilities: bool = False,
 ) -> Path:
     """Copy case ``source`` into dataset ``out`` with a ``prediction`` label that ``fill`` writes into the
-    given empty uint8 (D, H, W) array; returns the final case path."""
+    given empty uint8 (D, H, W) array and, with ``probabilities``, the class probabilities into the
+    given float16 (K, D, H, W) array (else None); returns the final case path."""
     options = options or StorageOptions()
     final, partial = out / source.name, out / PARTIAL_DIR / source.name
     if partial.exists():
@@ -48,17 +51,32 @@ def write_prediction_case(
         del labels[PREDICTION]
     attributes = ome.label_image_attributes(PREDICTION, source.spacing, source.origin, list(class_names))
     group = labels.create_group(PREDICTION, attributes=attributes)
+    chunks = chunk_shape(source.shape, source.spacing, options)
     with codec_pipeline():
         array = group.create_array(
             ome.LEVEL_PATH,
             shape=source.shape,
             dtype="uint8",
-            chunks=chunk_shape(source.shape, source.spacing, options),
+            chunks=chunks,
             compressors=[blosc_codec(options, np.dtype("uint8"))],
             fill_value=0,
             dimension_names=["z", "y", "x"],
         )
-        fill(array)
+        probability_array = None
+        if PROBABILITIES in case:
+            del case[PROBABILITIES]
+        if probabilities:
+            attributes = ome.channel_image_attributes(PROBABILITIES, source.spacing, source.origin, class_names)
+            probability_array = case.create_group(PROBABILITIES, attributes=attributes).create_array(
+                ome.LEVEL_PATH,
+                shape=(len(class_names), *source.shape),
+                dtype="float16",
+                chunks=(1, *chunks),
+                compressors=[blosc_codec(options, np.dtype("float16"))],
+                fill_value=0.0,
+                dimension_names=["c", "z", "y", "x"],
+            )
+        fill(array, probability_array)
     case.update_attributes({"iunet3d": {**info, "labels": names}})
     if final.exists():
         shutil.rmtree(final)

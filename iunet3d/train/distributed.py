@@ -54,12 +54,12 @@ class Distributed:
             dist.barrier()
 
 
-def setup_distributed(device: str = "auto", timeout_minutes: float = 30) -> Distributed:
+def setup_distributed(device: str = "auto", timeout_minutes: float = 30, argument: str = "train.device") -> Distributed:
     """Join the torchrun job described by the environment (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR...),
     or set up a single process when there is none. nccl on CUDA (the GPU of LOCAL_RANK), gloo on CPU."""
     use_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
     if use_cuda and not torch.cuda.is_available():
-        raise ValueError("train.device: 'cuda' requested but no CUDA device is available")
+        raise ValueError(f"{argument}: 'cuda' requested but no CUDA device is available")
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
     if use_cuda:
