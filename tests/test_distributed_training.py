@@ -9,6 +9,7 @@ with bit-identical parameters, which also shows the data stream does not depend 
 from __future__ import annotations
 
 import csv
+import json
 import os
 import re
 import signal
@@ -32,7 +33,13 @@ from iunet3d.train.trainer import CRASH_ENV
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
 STEPS = 6
-RUN = ["train.steps=6", "train.checkpoint_every=2", "validation.every=3", "wandb.mode=offline"]
+RUN = [
+    "train.steps=6",
+    "train.checkpoint_every=2",
+    "validation.every=3",
+    "wandb.mode=offline",
+    "data.validation_cases=2",
+]
 TIMEOUT = 300
 TEXT = {"text": True, "errors": "replace"}  # a rank killed mid-write may leave half a UTF-8 character
 
@@ -127,6 +134,26 @@ def test_the_demo_trains_validates_and_prints_its_summary(demo):
     assert "mean foreground Dice" in stdout
     assert f"wandb sync {directory / 'run' / 'wandb'}/offline-run-*" in stdout
     assert CheckpointManager(directory / "run" / "checkpoints").steps() == [2, 4, 6]
+
+
+def test_whole_volume_validation_sums_both_ranks_held_out_cases(demo):
+    """Each rank predicts one of the 2 held-out cases whole; the logged Dice is that of both together."""
+    from iunet3d.data import open_dataset, split_cases
+    from iunet3d.infer.case_metrics import volume_confusion_counts
+    from iunet3d.infer.dice import dice_scores
+    from iunet3d.infer.trained_model import load_trained_model, predict_volume
+    from iunet3d.train.config import load_training_config
+
+    run_dir = demo[0] / "run"
+    config = load_training_config(run_dir / "config.toml")
+    dataset = open_dataset(config.data.dataset)
+    held_out = split_cases(dataset.case_names, 2, config.data.split_seed)[1]
+    model = load_trained_model(run_dir / "checkpoints" / "step-6.pt")
+    counts = sum(volume_confusion_counts(predict_volume(model, dataset.case(name).image_array),
+                                         dataset.case(name).label_array()[...], 4) for name in held_out)  # fmt: skip
+    summary = json.loads((run_dir / "summary.json").read_text())
+    for name, value in dice_scores(counts, model.class_names).items():
+        assert summary[f"val/dice/{name}"] == pytest.approx(value, nan_ok=True), name
 
 
 def test_the_offline_wandb_run_holds_the_logged_keys_at_their_steps(demo):

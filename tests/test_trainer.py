@@ -11,6 +11,10 @@ import torch
 from train_helpers import DEMO_CONFIG, overrides, tiny_config, tiny_dataset
 
 from iunet3d.cli import main
+from iunet3d.data import open_dataset
+from iunet3d.infer.case_metrics import volume_confusion_counts
+from iunet3d.infer.dice import dice_scores, mean_dice
+from iunet3d.infer.trained_model import load_trained_model, predict_volume
 from iunet3d.train.checkpoint import CheckpointManager, load_checkpoint
 from iunet3d.train.distributed import Distributed
 from iunet3d.train.toml_config import to_dict
@@ -114,8 +118,9 @@ def test_a_run_directory_from_another_dataset_is_refused_on_resume(dataset, tmp_
         train(config)
 
 
-def test_validation_panels_are_the_middle_slices_of_the_validation_patches(dataset, tmp_path):
-    trainer, _ = train(tiny_config(dataset, tmp_path / "run", "train.steps=1", "wandb.image_panels=2"))
+def test_patch_validation_panels_are_the_middle_slices_of_the_validation_patches(dataset, tmp_path):
+    config = tiny_config(dataset, tmp_path / "run", "train.steps=1", "wandb.image_panels=2", "validation.mode=patch")
+    trainer, _ = train(config)
     panels = trainer.last_validation.panels
     assert [panel.key for panel in panels] == ["val/panel/0", "val/panel/1"]
     for index, panel in enumerate(panels):
@@ -125,3 +130,28 @@ def test_validation_panels_are_the_middle_slices_of_the_validation_patches(datas
         assert np.array_equal(panel.image, patch["image"][0, middle].numpy())
         assert panel.prediction.shape == panel.label.shape and set(np.unique(panel.prediction)) <= {0, 1, 2, 3}
         assert panel.caption.startswith(patch["case"])
+
+
+def test_whole_volume_validation_gives_the_dice_and_panels_of_predict_volume_on_the_held_out_cases(dataset, tmp_path):
+    config = tiny_config(dataset, tmp_path / "run", "train.steps=2", "train.checkpoint_every=2",
+                         "data.validation_cases=2", "wandb.image_panels=2")  # fmt: skip
+    trainer, summary = train(config)
+    held_out = trainer.validator.cases
+    assert len(held_out) == 2 and trainer.validator.mine == held_out  # one rank: it predicts every case
+    model = load_trained_model(tmp_path / "run" / "checkpoints" / "step-2.pt")
+    counts, predictions = 0, {}
+    for name in held_out:
+        case = open_dataset(dataset).case(name)
+        predictions[name] = predict_volume(model, case.image_array, overlap=0.5)
+        counts = counts + volume_confusion_counts(predictions[name], case.label_array()[...], 4)
+    expected = dice_scores(counts, model.class_names)
+    result = trainer.last_validation
+    assert result.dice == pytest.approx(expected, nan_ok=True)
+    assert summary["val/dice_mean"] == pytest.approx(mean_dice(expected), nan_ok=True)
+    assert [panel.key for panel in result.panels] == ["val/panel/0", "val/panel/1"]
+    for name, panel in zip(held_out, result.panels, strict=True):
+        reference = np.asarray(open_dataset(dataset).case(name).label_array()[...])
+        z = int((reference > 0).sum(axis=(1, 2)).argmax())
+        assert panel.caption.startswith(f"{name} z={z} (whole volume")
+        assert np.array_equal(panel.label, reference[z]) and np.array_equal(panel.prediction, predictions[name][z])
+        assert panel.image.shape == reference.shape[1:] and panel.label.any()

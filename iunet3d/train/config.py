@@ -150,17 +150,30 @@ class TrainConfig:
                 raise ValueError(f"train.{key}: expected one of {allowed}, got {value!r}")
 
 
+VALIDATION_MODES = ("volume", "patch")
+
+
 @dataclass(frozen=True)
 class ValidationConfig:
     every: int = 0  #: steps between validations (0: only after the last step)
-    patches_per_case: int = 4  #: fixed, unaugmented patches per held-out case (patch-based validation)
-    foreground_fraction: float = 0.5
-    batch_size: int = 2
-    seed: int = 0
+    mode: str = "volume"  #: volume: sliding-window prediction of whole held-out cases; patch: fixed patches
+    overlap: float = 0.5  #: volume mode: window overlap
+    mirror: bool = False  #: volume mode: test-time mirroring (8x slower)
+    max_memory_mb: float = 4096  #: volume mode: per rank; larger cases stream through a Zarr accumulator
+    patches_per_case: int = 4  #: patch mode: fixed, unaugmented patches per held-out case
+    foreground_fraction: float = 0.5  #: patch mode: patches centred on a labelled voxel
+    batch_size: int = 2  #: windows (volume) or patches per forward pass
+    seed: int = 0  #: patch mode: which patches
 
     def __post_init__(self) -> None:
         if self.every < 0:
             raise ValueError(f"validation.every: expected an integer >= 0, got {self.every}")
+        if self.mode not in VALIDATION_MODES:
+            raise ValueError(f"validation.mode: expected one of {VALIDATION_MODES}, got {self.mode!r}")
+        if not 0 <= self.overlap < 1:
+            raise ValueError(f"validation.overlap: expected 0 <= overlap < 1, got {self.overlap}")
+        if self.max_memory_mb <= 0:
+            raise ValueError(f"validation.max_memory_mb: expected a positive number, got {self.max_memory_mb}")
         _positive("validation", patches_per_case=self.patches_per_case, batch_size=self.batch_size)
 
 

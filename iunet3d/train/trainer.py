@@ -29,6 +29,7 @@ from iunet3d.train.schedule import build_scheduler
 from iunet3d.train.throughput import ThroughputMeter
 from iunet3d.train.toml_config import to_dict
 from iunet3d.train.validation import PatchValidator, ValidationResult
+from iunet3d.train.volume_validation import VolumeValidator
 from iunet3d.train.wandb_logger import WandbLogger, create_logger, sync_command
 
 #: Fault injection for the crash-and-resume tests: "RANK:STEP" makes that rank exit abruptly (code 1)
@@ -89,10 +90,7 @@ class Trainer:
         self.autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(train.precision) if on_cuda else None
         self.scaler = torch.amp.GradScaler("cuda", enabled=on_cuda and train.precision == "fp16")
         self.loader = self._patch_loader(train_cases, pin_memory=on_cuda)
-        self.validator = (
-            PatchValidator(self.dataset, validation_cases, data.patch_size, config.validation, distributed,
-                           self.normalization) if validation_cases else None
-        )  # fmt: skip
+        self.validator = self._validator(validation_cases) if validation_cases else None
         self.checkpoints = CheckpointManager(self.run_dir / "checkpoints", keep=train.keep_checkpoints)
         self.step = 0
         self.identity = self._prepare_run()
@@ -121,6 +119,14 @@ class Trainer:
             normalization=self.normalization,
         )
         return PatchLoader(stream, data.batch_size, data.num_workers, pin_memory=pin_memory)
+
+    def _validator(self, cases: list[str]) -> PatchValidator | VolumeValidator:
+        """Whole-volume validation (the default), or patch-based with ``validation.mode = "patch"``."""
+        arguments = (self.dataset, cases, self.config.data.patch_size, self.config.validation, self.distributed,
+                     self.normalization)  # fmt: skip
+        if self.config.validation.mode == "patch":
+            return PatchValidator(*arguments, to_device=self.to_device, autocast=self.autocast)
+        return VolumeValidator(*arguments, autocast_dtype=self.autocast_dtype, scratch=self.run_dir)
 
     def to_device(self, image: torch.Tensor) -> torch.Tensor:
         """An image batch (B, 1, D, H, W) on the training device, in the network's memory format."""
@@ -217,7 +223,7 @@ class Trainer:
         return self.validator is not None and bool(due)
 
     def validate(self) -> ValidationResult:
-        result = self.validator.run(self.network, self.to_device, self.autocast, self.config.wandb.image_panels)
+        result = self.validator.run(self.network, self.config.wandb.image_panels)
         self.logger.log(result.metrics(), self.step)
         self.logger.log_images(result.panels, self.step)
         dice = ", ".join(f"{name} {value:.3f}" for name, value in result.dice.items())

@@ -1,7 +1,12 @@
-"""Patch-based validation on held-out cases: per-class Dice over all ranks, and a few image panels."""
+"""Patch-based validation on held-out cases: per-class Dice over all ranks, and a few image panels.
+
+The cheaper alternative to whole-volume validation (``volume_validation``), for cases too large to
+predict whole every few hundred steps: ``validation.mode = "patch"``.
+"""
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 
 import torch
@@ -40,9 +45,13 @@ class PatchValidator:
         config: ValidationConfig,
         distributed: Distributed,
         normalization: CTNormalization,
+        to_device=lambda image: image,
+        autocast=contextlib.nullcontext,
     ):
+        """``to_device`` moves an image batch to the network; ``autocast`` is a context factory."""
         from iunet3d.data import ValidationPatches
 
+        self.to_device, self.autocast = to_device, autocast
         self.class_names = list(dataset.class_names)
         self.config, self.distributed = config, distributed
         self.patches = ValidationPatches(
@@ -58,8 +67,7 @@ class PatchValidator:
         )
 
     @torch.no_grad()
-    def run(self, network: nn.Module, to_device, autocast, panels: int = 0) -> ValidationResult:
-        """``to_device`` moves an image batch to the network; ``autocast`` is a context factory."""
+    def run(self, network: nn.Module, panels: int = 0) -> ValidationResult:
         from iunet3d.data import validation_loader
 
         was_training = network.training
@@ -69,8 +77,8 @@ class PatchValidator:
         try:
             loader = validation_loader(self.patches, self.config.batch_size, num_workers=0)
             for batch in loader:
-                with autocast():
-                    logits = network(to_device(batch["image"]))
+                with self.autocast():
+                    logits = network(self.to_device(batch["image"]))
                 prediction = logits.argmax(dim=1).cpu()
                 counts += confusion_counts(prediction, batch["label"], len(self.class_names))
                 if self.distributed.is_main and len(shown) < panels:
