@@ -42,13 +42,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = commands.add_parser("bench", help="benchmarks that print side-by-side tables")
     benchmarks = bench.add_subparsers(dest="benchmark", required=True, metavar="BENCHMARK")
-    from iunet3d.bench import data, memory, read
+    from iunet3d.bench import data, memory, predict, read
 
     for name, help_text, module in (
         ("memory", "conventional vs reversible peak training memory and step time over depth", memory),
         ("read", "random region reads from a CT volume in Zarr: our chunking and codec vs zarr's defaults", read),
         ("data", "training patches/s and peak memory: our PatchStream from Zarr vs TorchIO's Queue from .nii.gz",
          data),
+        ("predict", "whole-volume prediction: voxels/s and peak memory, accumulator in memory vs streamed through Zarr",
+         predict),
     ):  # fmt: skip
         _add_command(benchmarks, name, help_text, module.add_arguments, module.run)
     return parser
