@@ -99,9 +99,10 @@ def _predict(args: argparse.Namespace, dataset, cases: list[str], distributed) -
     from iunet3d.data.dataset_root import create_dataset_directory, dataset_lock, prepare_dataset, refresh_dataset
     from iunet3d.data.storage import StorageOptions, chunk_shape
     from iunet3d.infer.case_metrics import case_metrics, write_metrics
+    from iunet3d.infer.memory_plan import plan_memory
     from iunet3d.infer.prediction_store import PREDICTION, write_prediction_case
     from iunet3d.infer.sharding import shard_cases
-    from iunet3d.infer.trained_model import in_memory_bytes, load_trained_model, predict_volume
+    from iunet3d.infer.trained_model import load_trained_model, predict_volume
 
     device = distributed.device
     model = load_trained_model(args.checkpoint, device=device)
@@ -128,17 +129,10 @@ def _predict(args: argparse.Namespace, dataset, cases: list[str], distributed) -
         rows = []
         for index, name in enumerate(mine, start=1):
             case = dataset.case(name)
-            needed = in_memory_bytes(
-                len(model.class_names),
-                case.shape,
-                model.patch_size,
-                args.batch_size,
-                chunk_shape(case.shape, case.spacing, StorageOptions()),
-                args.probabilities,
-            )
-            mode = "in memory" if needed <= max_memory else "streamed through a Zarr accumulator"
-            say(f"[{index}/{len(mine)}] {name} {case.shape}: {needed / 2**20:.0f} MB to predict in memory, "
-                f"limit {max_memory / 2**20:.0f} MB: {mode}")  # fmt: skip
+            plan = plan_memory(len(model.class_names), case.shape, model.patch_size, args.batch_size,
+                               chunk_shape(case.shape, case.spacing, StorageOptions()), args.probabilities,
+                               max_memory)  # fmt: skip
+            say(f"[{index}/{len(mine)}] {name} {case.shape}: {plan.describe(max_memory)}")
 
             def fill(labels, probabilities, case=case):
                 predict_volume(model, case.image_array, overlap=args.overlap, mirror=args.mirror,

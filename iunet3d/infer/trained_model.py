@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import pickle
 import tempfile
 from collections.abc import Sequence
@@ -13,7 +12,8 @@ import numpy as np
 import torch
 
 from iunet3d.data.normalization import CTNormalization
-from iunet3d.infer.accumulator import MemoryAccumulator, ZarrAccumulator, accumulator_bytes
+from iunet3d.infer.accumulator import MemoryAccumulator, ZarrAccumulator
+from iunet3d.infer.memory_plan import plan_memory
 from iunet3d.infer.sliding_window import SlidingWindowPredictor, write_labels
 from iunet3d.models.segmentation import SegmentationIUNet
 
@@ -94,9 +94,8 @@ def predict_volume(
     The blended outputs are accumulated in memory when everything fits in ``max_memory`` bytes (default:
     no limit), else streamed through a chunked Zarr accumulator in a temporary directory under
     ``scratch``; the labels are the same either way (up to float rounding at exact ties). The limit
-    covers the buffers of prediction (accumulator, windows and their outputs, blocks being finalised),
-    not the network's own activations; a limit too small even for streaming fails naming its minimum.
-    ``stream`` True or False forces either way (then ``max_memory`` is only checked when streaming).
+    covers the buffers of prediction, not the network's own activations (``plan_memory``); a limit too
+    small even for streaming fails naming its minimum. ``stream`` True or False forces either way.
     """
     shape = tuple(image.shape)
     num_classes = len(model.class_names)
@@ -107,57 +106,15 @@ def predict_volume(
     for name, array, expected in (("out", labels, shape), ("probabilities", probabilities, (num_classes, *shape))):
         if array is not None and tuple(array.shape) != expected:
             raise ValueError(f"{name}: shape {tuple(array.shape)}, expected {expected}")
-    with_probabilities = probabilities is not None
-    output_chunk = tuple(getattr(labels, "chunks", None) or (model.patch_size[0], *shape[1:]))
-    in_memory = in_memory_bytes(num_classes, shape, model.patch_size, batch_size, output_chunk, with_probabilities)
-    if stream is False or (stream is None and (max_memory is None or in_memory <= max_memory)):
-        accumulator = MemoryAccumulator(num_classes, shape, block=(min(output_chunk[0], shape[0]), *shape[1:]))
+    output_chunk = getattr(labels, "chunks", None)
+    plan = plan_memory(num_classes, shape, model.patch_size, batch_size, output_chunk, probabilities is not None,
+                       max_memory, stream)  # fmt: skip
+    if not plan.streamed:
+        accumulator = MemoryAccumulator(num_classes, shape, block=plan.block)
         write_labels(predictor.predict(image, accumulator, model.normalization), labels, probabilities)
         return labels
-    chunk = tuple(max(1, p // 2) for p in model.patch_size)  # a window covers 2-3 chunks per axis
-    needed = streaming_bytes(num_classes, model.patch_size, batch_size, chunk)
-    whole_chunks = needed + finalize_bytes(num_classes, output_chunk, with_probabilities)
-    block = output_chunk if max_memory is None or whole_chunks <= max_memory else chunk  # each written once
-    needed += finalize_bytes(num_classes, block, with_probabilities)
-    if max_memory is not None and needed > max_memory:
-        raise ValueError(
-            f"max memory {max_memory / 2**20:.1f} MB is below the {needed / 2**20:.1f} MB that streaming needs "
-            f"with {tuple(model.patch_size)} windows, batch size {batch_size} and {num_classes} classes"
-        )
     with tempfile.TemporaryDirectory(prefix="iunet3d-accumulator-", dir=scratch) as directory:
-        accumulator = ZarrAccumulator(Path(directory) / "accumulator.zarr", num_classes, shape, chunk, block=block)
+        path = Path(directory) / "accumulator.zarr"
+        accumulator = ZarrAccumulator(path, num_classes, shape, plan.chunk, block=plan.block)
         write_labels(predictor.predict(image, accumulator, model.normalization), labels, probabilities)
     return labels
-
-
-def in_memory_bytes(
-    num_classes: int,
-    shape: Sequence[int],
-    patch_size: Sequence[int],
-    batch_size: int,
-    output_chunk: Sequence[int] | None = None,
-    probabilities: bool = False,
-) -> int:
-    """Prediction buffers with the accumulator in memory: the accumulator, a batch of windows, and one
-    slab (``output_chunk`` deep, default one window deep) being finalised."""
-    depth = (output_chunk or patch_size)[0]
-    slab = (min(depth, shape[0]), *shape[1:])
-    return (accumulator_bytes(num_classes, shape) + window_bytes(num_classes, patch_size, batch_size)
-            + finalize_bytes(num_classes, slab, probabilities))  # fmt: skip
-
-
-def window_bytes(num_classes: int, patch_size: Sequence[int], batch_size: int) -> int:
-    """A batch of float32 windows, its outputs and their sum over mirrorings."""
-    return 4 * batch_size * math.prod(patch_size) * (1 + 2 * num_classes)
-
-
-def streaming_bytes(num_classes: int, patch_size: Sequence[int], batch_size: int, chunk: Sequence[int]) -> int:
-    """Windows, plus the accumulator chunks one window touches, read and written back (twice)."""
-    touched = math.prod((math.ceil(p / c) + 1) * c for p, c in zip(patch_size, chunk, strict=True))
-    return window_bytes(num_classes, patch_size, batch_size) + 2 * accumulator_bytes(num_classes, [touched])
-
-
-def finalize_bytes(num_classes: int, block: Sequence[int], probabilities: bool) -> int:
-    """Finalising one block: its sums and weights, the blend, int64 argmax, and the softmax if wanted."""
-    per_voxel = 4 * (num_classes + 1) + 4 * num_classes + 8 + (12 * num_classes if probabilities else 0)
-    return per_voxel * math.prod(block)
