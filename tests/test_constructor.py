@@ -117,7 +117,7 @@ def test_module_kwargs_reach_the_coupling_function():
 def test_explicit_tensor_resampling_init():
     q, _ = torch.linalg.qr(torch.randn(4, 4, dtype=torch.float64))
     model = iUNet(4, [1, 1], dim=2, resampling_init=q, learnable_resampling=False)
-    down = model.splits[0]._fn.downsampling
+    down = model.splits[0].downsampling
     assert torch.allclose(down.matrices()[0], q)
     resampling = [n for n, _ in model.named_parameters() if n.startswith(("splits", "merges"))]
     assert resampling == []

@@ -1,4 +1,4 @@
-"""The whole iUNet: invertibility, padding, reversible == conventional gradients, memcnn hazards."""
+"""The whole iUNet: invertibility, padding, reversible == conventional gradients (both engines), memcnn hazards."""
 
 import warnings
 
@@ -20,9 +20,12 @@ DIVISIBLE = {"1d": (16,), "2d-aniso": (4, 8), "3d-aniso": (4, 8, 8), "3d-mixing-
 ODD = {"1d": (13,), "2d-aniso": (5, 7), "3d-aniso": (3, 9, 6), "3d-mixing-every-coupling": (3, 5, 2)}
 
 
-def _pair(config, **overrides):
+ENGINES = ("fused", "memcnn")
+
+
+def _pair(config, engine="fused", **overrides):
     """A reversible model and a conventional one with identical random float64 weights."""
-    reversible = iUNet(**config, **overrides).double()
+    reversible = iUNet(**config, **overrides, reversible_engine=engine).double()
     randomise_parameters(reversible, scale=0.2)
     conventional = iUNet(**config, **overrides, disable_custom_gradient=True).double()
     conventional.load_state_dict(reversible.state_dict())
@@ -69,11 +72,12 @@ def test_odd_sizes_are_padded_and_cropped_back(name):
     assert all(p >= s for p, s in zip(padded.shape[2:], x.shape[2:], strict=True))
 
 
+@pytest.mark.parametrize("engine", ENGINES)
 @pytest.mark.parametrize("name", CONFIGS)
 @pytest.mark.parametrize("sizes", ["divisible", "odd"])
-def test_reversible_gradients_equal_conventional(name, sizes):
+def test_reversible_gradients_equal_conventional(name, sizes, engine):
     config = CONFIGS[name]
-    reversible, conventional = _pair(config, verbose=0)
+    reversible, conventional = _pair(config, engine, verbose=0)
     spatial = DIVISIBLE[name] if sizes == "divisible" else ODD[name]
     x = _input(config, spatial)
     target = torch.randn_like(x)
@@ -90,10 +94,11 @@ def test_reversible_gradients_equal_conventional(name, sizes):
         assert relative_error(got, expected) < 1e-10
 
 
+@pytest.mark.parametrize("engine", ENGINES)
 @pytest.mark.parametrize("padding_mode", [None, "constant"])
-def test_callers_input_is_never_freed_or_changed(padding_mode):
+def test_callers_input_is_never_freed_or_changed(padding_mode, engine):
     config = CONFIGS["3d-aniso"]
-    model, _ = _pair(config, padding_mode=padding_mode)
+    model, _ = _pair(config, engine, padding_mode=padding_mode)
     x = _input(config, DIVISIBLE["3d-aniso"])
     x_copy = x.clone()
     source = x.clone().requires_grad_()
@@ -110,9 +115,10 @@ def test_callers_input_is_never_freed_or_changed(padding_mode):
     assert torch.equal(x, x_copy)
 
 
-def test_encode_decode_match_forward_and_keep_codes():
+@pytest.mark.parametrize("engine", ENGINES)
+def test_encode_decode_match_forward_and_keep_codes(engine):
     config = CONFIGS["3d-aniso"]
-    model, _ = _pair(config)
+    model, _ = _pair(config, engine)
     x = _input(config, DIVISIBLE["3d-aniso"])
     codes = model.encode(x)
     assert [c.shape[1] for c in codes] == model.skipped_channels + [model.channels[-1]]
@@ -128,11 +134,12 @@ def test_encode_decode_match_forward_and_keep_codes():
         assert torch.equal(code.detach(), copy)
 
 
-def test_relu_before_iunet_in_callers_network():
+@pytest.mark.parametrize("engine", ENGINES)
+def test_relu_before_iunet_in_callers_network(engine):
     """An op that saves its output (ReLU) directly before a reversible block breaks plain memcnn."""
     torch.manual_seed(0)
     config = dict(in_channels=4, architecture=[2, 2], dim=2)
-    reversible, conventional = _pair(config)
+    reversible, conventional = _pair(config, engine)
     x = torch.randn(2, 4, 8, 8, dtype=torch.float64)
     grads = []
     for model in (reversible, conventional):
@@ -142,8 +149,9 @@ def test_relu_before_iunet_in_callers_network():
     assert relative_error(grads[0], grads[1]) < 1e-10
 
 
+@pytest.mark.parametrize("engine", ENGINES)
 @pytest.mark.parametrize("optimizer_type", [torch.optim.SGD, torch.optim.Adam])
-def test_iunet_as_subnetwork_trains(optimizer_type):
+def test_iunet_as_subnetwork_trains(optimizer_type, engine):
     """The seed tutorial's segmentation pattern: Conv3d -> iUNet -> Conv3d, with a ReLU before the
     iUNet. Its gradients equal those of the same network with conventional backprop, and it trains."""
 
@@ -152,7 +160,7 @@ def test_iunet_as_subnetwork_trains(optimizer_type):
         return nn.Sequential(
             nn.Conv3d(1, 8, 3, padding=1), nn.ReLU(),
             iUNet(8, (1, 1, 1), dim=3, resampling_stride=[(1, 2, 2), 2],
-                  disable_custom_gradient=disable_custom_gradient),
+                  disable_custom_gradient=disable_custom_gradient, reversible_engine=engine),
             nn.Conv3d(8, 3, 3, padding=1),
         )  # fmt: skip
 
@@ -179,8 +187,9 @@ def test_iunet_as_subnetwork_trains(optimizer_type):
 
 
 @pytest.mark.parametrize("requires_grad", [False, True])
-def test_in_place_change_of_the_input_before_backward_is_an_error(requires_grad):
-    model = iUNet(4, (1, 1), dim=2)
+def test_in_place_change_of_the_input_before_backward_is_an_error_under_memcnn(requires_grad):
+    """memcnn recomputes from the input it kept, so a changed input would give wrong gradients."""
+    model = iUNet(4, (1, 1), dim=2, reversible_engine="memcnn")
     source = torch.randn(1, 4, 8, 8, requires_grad=requires_grad)
     x = source * 1.0 if requires_grad else source  # a non-leaf requiring grad, or a plain tensor
     y = model(x)
@@ -190,8 +199,25 @@ def test_in_place_change_of_the_input_before_backward_is_an_error(requires_grad)
         y.square().sum().backward()
 
 
-def test_outputs_carry_no_stray_grad():
-    model = iUNet(4, (1, 1), dim=2)
+def test_in_place_change_of_the_input_after_forward_leaves_fused_gradients_right():
+    """The fused engine reconstructs the input from the output and never reads the caller's tensor."""
+    model, _ = _pair(dict(in_channels=4, architecture=[1, 1], dim=2))
+    x = torch.randn(1, 4, 8, 8, dtype=torch.float64)
+    model(x).square().sum().backward()
+    expected = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    changed = x.clone()
+    y = model(changed)
+    with torch.no_grad():
+        changed.add_(1.0)
+    y.square().sum().backward()
+    for parameter, reference in zip(model.parameters(), expected, strict=True):
+        assert relative_error(parameter.grad, reference) < 1e-10
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_outputs_carry_no_stray_grad(engine):
+    model = iUNet(4, (1, 1), dim=2, reversible_engine=engine)
     x = torch.randn(1, 4, 8, 8, requires_grad=True)
     y = model(x)
     codes = model.encode(x)

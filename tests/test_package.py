@@ -77,11 +77,23 @@ def test_console_script_is_installed():
     assert result.returncode == 0 and "bench" in result.stdout
 
 
+def test_the_default_engine_does_not_import_memcnn():
+    code = (
+        "import sys, torch\n"
+        "from iunet3d import iUNet\n"
+        "iUNet(4, [1, 1], dim=2)(torch.randn(1, 4, 8, 8)).sum().backward()\n"
+        "print('memcnn' in sys.modules)\n"
+    )
+    result = subprocess.run([sys.executable, "-W", "error", "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "False"
+
+
 def test_memcnn_deprecation_warnings_are_filtered_but_others_are_not():
     code = (
         "import warnings, torch\n"
         "from iunet3d import iUNet\n"
-        "m = iUNet(4, [1, 1], dim=2)\n"
+        "m = iUNet(4, [1, 1], dim=2, reversible_engine='memcnn')\n"
         "m(torch.randn(1, 4, 8, 8)).sum().backward()\n"
         "warnings.warn('a user warning still shows', UserWarning)\n"
     )

@@ -7,6 +7,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from iunet3d.models.orthogonal import OrthogonalMatrices
+from iunet3d.models.precision import full_precision
+from iunet3d.models.reversible_engine import Reversal, reverse_through_inverse
 
 _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 
@@ -37,10 +39,18 @@ class InvertibleChannelMixing(nn.Module):
         return matrix.reshape(self.channels, self.channels, *([1] * self.dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _CONV[self.dim](x, self._kernel(x.dtype, transpose=False))
+        """x: (B, C, *S) -> Q x, in x's dtype even under autocast."""
+        with full_precision(x):
+            return _CONV[self.dim](x, self._kernel(x.dtype, transpose=False))
 
     def inverse(self, y: torch.Tensor) -> torch.Tensor:
-        return _CONV[self.dim](y, self._kernel(y.dtype, transpose=True))
+        """y: (B, C, *S) -> Q^T y."""
+        with full_precision(y):
+            return _CONV[self.dim](y, self._kernel(y.dtype, transpose=True))
+
+    def reverse(self, y: torch.Tensor) -> Reversal:
+        """Reversible backprop: the input reconstructed through Q^T, then recomputed."""
+        return reverse_through_inverse(self, y)
 
     def extra_repr(self) -> str:
         return f"channels={self.channels}, dim={self.dim}, method={self.matrices.method!r}"

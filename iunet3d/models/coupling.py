@@ -7,6 +7,9 @@ import warnings
 import torch
 from torch import nn
 
+from iunet3d.models.precision import function_input
+from iunet3d.models.reversible_engine import Reversal, leaf
+
 NORMS = ("group", "instance", "batch", None)
 _CONV = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
 _INSTANCE_NORM = {1: nn.InstanceNorm1d, 2: nn.InstanceNorm2d, 3: nn.InstanceNorm3d}
@@ -19,8 +22,9 @@ def _group_count(channels: int, max_groups: int) -> int:
 
 
 def make_norm(norm: str | None, channels: int, dim: int, num_groups: int = 8) -> nn.Module:
-    """A normalisation layer. BatchNorm is allowed but not the default: in a reversible block its
-    running statistics are updated three times per step (hazards.md)."""
+    """A normalisation layer. BatchNorm is allowed but not the default: it couples the samples of a batch,
+    and under the memcnn engine its running statistics are updated three times per step (forward,
+    inverse, recompute; the fused engine restores them after its recomputation)."""
     if norm == "group":
         if num_groups < 1:
             raise ValueError(f"num_groups must be >= 1, got {num_groups}")
@@ -29,8 +33,9 @@ def make_norm(norm: str | None, channels: int, dim: int, num_groups: int = 8) ->
         return _INSTANCE_NORM[dim](channels, affine=True)
     if norm == "batch":
         warnings.warn(
-            "norm='batch' in a coupling function: under reversible backprop BatchNorm's running statistics "
-            "are updated three times per step (forward, inverse, recompute); prefer 'group' or 'instance'",
+            "norm='batch' in a coupling function: BatchNorm couples the samples of a batch, and with "
+            "reversible_engine='memcnn' its running statistics are updated three times per step; prefer 'group' "
+            "or 'instance'",
             stacklevel=2,
         )
         return _BATCH_NORM[dim](channels)
@@ -94,14 +99,33 @@ class AdditiveCoupling(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         a, b = x[:, : self.split_position], x[:, self.split_position :]
         if self.update_second:
-            return torch.cat([a, b + self.function(a)], dim=1)
-        return torch.cat([a + self.function(b), b], dim=1)
+            return torch.cat([a, b + self._function(a)], dim=1)
+        return torch.cat([a + self._function(b), b], dim=1)
 
     def inverse(self, y: torch.Tensor) -> torch.Tensor:
         a, b = y[:, : self.split_position], y[:, self.split_position :]
         if self.update_second:
-            return torch.cat([a, b - self.function(a)], dim=1)
-        return torch.cat([a - self.function(b), b], dim=1)
+            return torch.cat([a, b - self._function(a)], dim=1)
+        return torch.cat([a - self._function(b), b], dim=1)
+
+    def _function(self, half: torch.Tensor) -> torch.Tensor:
+        """F(half), its input rounded as ``function_input`` says when the carried tensors are float64."""
+        parameter = next(self.function.parameters(), None)
+        return self.function(function_input(half, None if parameter is None else parameter.dtype))
+
+    def reverse(self, y: torch.Tensor) -> Reversal:
+        """One evaluation of the function, with grad, both reconstructs the input and recomputes the output
+        (reversible backprop): ``f = F(a); b = y_b - f``, output pieces ``(a, b + f)``."""
+        first, second = y[:, : self.split_position], y[:, self.split_position :]
+        if self.update_second:
+            a = leaf(first)
+            f = self._function(a)
+            b = leaf(second - f.detach())
+            return Reversal(inputs=((a, b),), outputs=((a, b + f),))
+        b = leaf(second)
+        f = self._function(b)
+        a = leaf(first - f.detach())
+        return Reversal(inputs=((a, b),), outputs=((a + f, b),))
 
 
 def create_standard_module(

@@ -12,12 +12,14 @@ from torch import nn
 
 from iunet3d.models.channel_mixing import InvertibleChannelMixing
 from iunet3d.models.coupling import create_standard_module
+from iunet3d.models.engines import REVERSIBLE_ENGINES, FusedPass, MemcnnPass, PlainPass
 from iunet3d.models.layout import ChannelPlan, format_layout, normalise_architecture, normalise_strides, plan_channels
 from iunet3d.models.level_transitions import SplitAndDownsample, UpsampleAndMerge
 from iunet3d.models.orthogonal import ORTHOGONAL_METHODS
 from iunet3d.models.padding import PADDING_MODES, crop_padding, pad_to_multiple
+from iunet3d.models.precision import carried
+from iunet3d.models.reconstruction import ReconstructionError, relative_error
 from iunet3d.models.resampling import RESAMPLING_INITS, InvertibleDownsampling, InvertibleUpsampling
-from iunet3d.models.reversible import reversible
 
 
 def _choice(name: str, value, allowed: Sequence) -> None:
@@ -31,8 +33,11 @@ class iUNet(nn.Module):
     Level ``i`` applies ``architecture[i]`` invertible layers (additive couplings by default) on the
     way down and as many on the way up. Between levels, ``skipped_channels[i]`` channels are kept
     for the skip connection and the rest are downsampled by a learnable orthogonal kernel with
-    ``resampling_stride[i]``; upsampling and concatenation mirror this. Every part is wrapped for
-    reversible backprop (memcnn), so training memory does not grow with depth.
+    ``resampling_stride[i]``; upsampling and concatenation mirror this. Every part is trained with
+    reversible backprop, so training memory does not grow with depth: ``reversible_engine="fused"`` (the
+    default) recomputes each block once in backward and reconstructs its input from that evaluation;
+    ``"memcnn"`` uses memcnn's wrapper (the reference); ``disable_custom_gradient=True`` is plain
+    autograd, which stores activations.
 
     Spatial sizes that are not multiples of ``downsampling_factors`` are padded (``padding_mode``,
     ``padding_value``) and, with ``revert_input_padding``, cropped back.
@@ -60,6 +65,7 @@ class iUNet(nn.Module):
         revert_input_padding: bool = True,
         disable_custom_gradient: bool = False,
         verbose: int = 1,
+        reversible_engine: str = "fused",
     ):
         super().__init__()
         if not isinstance(dim, int) or isinstance(dim, bool) or dim not in (1, 2, 3):
@@ -71,6 +77,7 @@ class iUNet(nn.Module):
         _choice("resampling_method", resampling_method, ORTHOGONAL_METHODS)
         _choice("channel_mixing_method", channel_mixing_method, ORTHOGONAL_METHODS)
         _choice("padding_mode", padding_mode, PADDING_MODES)
+        _choice("reversible_engine", reversible_engine, REVERSIBLE_ENGINES)
         if isinstance(resampling_init, np.ndarray):
             resampling_init = torch.from_numpy(resampling_init)
         if not isinstance(resampling_init, torch.Tensor):
@@ -101,7 +108,9 @@ class iUNet(nn.Module):
         self.padding_value = padding_value
         self.revert_input_padding = revert_input_padding
         self.disable_custom_gradient = disable_custom_gradient
+        self.reversible_engine = reversible_engine
         self.verbose = verbose
+        self._memcnn_wrappers: dict[int, nn.Module] = {}
         self._warned_shapes: set[tuple[int, ...]] = set()
 
         module_kwargs = dict(module_kwargs or {})
@@ -109,16 +118,13 @@ class iUNet(nn.Module):
         channel_mixing_kwargs = dict(channel_mixing_kwargs or {})
         mixing = learnable_channel_mixing and channel_mixing_freq != 0
 
-        def wrap(module: nn.Module) -> nn.Module:
-            return reversible(module, disable=disable_custom_gradient)
-
         def level_blocks(level: int, side: str) -> nn.ModuleList:
             blocks = nn.ModuleList()
             for j in range(self.architecture[level]):
                 context = dict(dim=dim, module_index=j, LR=side, level=level, architecture=self.architecture)
-                blocks.append(wrap(create_module_fn(self.channels[level], **context, **module_kwargs)))
+                blocks.append(create_module_fn(self.channels[level], **context, **module_kwargs))
                 if mixing and channel_mixing_freq > 0 and (j + 1) % channel_mixing_freq == 0:
-                    blocks.append(wrap(self._mixing(level, channel_mixing_method, channel_mixing_kwargs)))
+                    blocks.append(self._mixing(level, channel_mixing_method, channel_mixing_kwargs))
             return blocks
 
         self.encoder_levels = nn.ModuleList()
@@ -127,8 +133,8 @@ class iUNet(nn.Module):
             encoder, decoder = level_blocks(level, "L"), level_blocks(level, "R")
             if mixing and channel_mixing_freq == -1 and level < self.num_levels - 1:
                 # one mixing per level: before the split, mirrored right after the merge
-                encoder.append(wrap(self._mixing(level, channel_mixing_method, channel_mixing_kwargs)))
-                decoder.insert(0, wrap(self._mixing(level, channel_mixing_method, channel_mixing_kwargs)))
+                encoder.append(self._mixing(level, channel_mixing_method, channel_mixing_kwargs))
+                decoder.insert(0, self._mixing(level, channel_mixing_method, channel_mixing_kwargs))
             self.encoder_levels.append(encoder)
             self.decoder_levels.append(decoder)
 
@@ -138,24 +144,46 @@ class iUNet(nn.Module):
         self.merges = nn.ModuleList()
         for level, stride in enumerate(self.resampling_stride):
             k, d = self.skipped_channels[level], self.channels_before_downsampling[level]
-            self.splits.append(wrap(SplitAndDownsample(k, InvertibleDownsampling(d, stride, **resampling))))
+            self.splits.append(SplitAndDownsample(k, InvertibleDownsampling(d, stride, **resampling)))
             self.merges.append(
-                wrap(UpsampleAndMerge(k, InvertibleUpsampling(self.channels[level + 1], stride, **resampling)))
+                UpsampleAndMerge(k, InvertibleUpsampling(self.channels[level + 1], stride, **resampling))
             )
-
-        # The caller owns the input of forward() and of inverse(): those two blocks keep it.
-        self.encoder_levels[0][0].keep_input = True
-        self.decoder_levels[0][-1].keep_input_inverse = True
+        self._register_load_state_dict_pre_hook(_rename_memcnn_keys)
 
     def _mixing(self, level: int, method: str, kwargs: dict) -> InvertibleChannelMixing:
         return InvertibleChannelMixing(self.channels[level], method=method, dim=self.dim, **kwargs)
+
+    @property
+    def reversible_engine(self) -> str:
+        """``"fused"`` or ``"memcnn"``: how backprop reconstructs activations (unless
+        ``disable_custom_gradient``). May be changed on a built network; the state dict is the same."""
+        return self._reversible_engine
+
+    @reversible_engine.setter
+    def reversible_engine(self, engine: str) -> None:
+        _choice("reversible_engine", engine, REVERSIBLE_ENGINES)
+        self._reversible_engine = engine
+
+    @property
+    def _uses_memcnn(self) -> bool:
+        return not self.disable_custom_gradient and self.reversible_engine == "memcnn"
+
+    def _new_pass(self) -> PlainPass | FusedPass | MemcnnPass:
+        """How this call applies the invertible layers (a new tape per call)."""
+        if self.disable_custom_gradient or not torch.is_grad_enabled():
+            return PlainPass()
+        if self.reversible_engine == "fused":
+            return FusedPass()
+        # The caller owns the input of forward() and of inverse(): memcnn must not free those.
+        return MemcnnPass(self._memcnn_wrappers, (self.encoder_levels[0][0], self.decoder_levels[0][-1]))
 
     # ----- forward direction -------------------------------------------------------------------
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: (B, in_channels, *S) -> (B, in_channels, *S); padded internally if needed."""
         padded, amounts = self._pad(x)
-        y = self._decode(self._encode(padded))
+        run = self._new_pass()
+        y = run.outputs([self._decode(self._encode(carried(padded), run), run)])[0].to(x.dtype)
         y = crop_padding(y, amounts) if self.revert_input_padding else y
         return self._guard_outputs(x, amounts, [y])[0]
 
@@ -165,19 +193,28 @@ class iUNet(nn.Module):
         The input is padded as in ``forward``; the codes are at the padded size.
         """
         padded, amounts = self._pad(x)
-        return self._guard_outputs(x, amounts, self._encode(padded))
+        run = self._new_pass()
+        return self._guard_outputs(x, amounts, run.outputs(self._encode(padded, run)))
+
+    def decode(self, *codes: torch.Tensor) -> torch.Tensor:
+        """The codes of ``encode`` -> (B, C_0, *S_padded). The caller's codes are left intact."""
+        codes = self._unpack(codes)
+        run = self._new_pass()
+        if isinstance(run, MemcnnPass):
+            codes = [code.clone() for code in codes]  # memcnn releases its blocks' inputs
+        return run.outputs([self._decode(codes, run)])[0]
 
     def _guard_outputs(
         self, x: torch.Tensor, padding: list[tuple[int, int]], outputs: list[torch.Tensor]
     ) -> list[torch.Tensor]:
-        """Hand the caller aliases of the outputs and check, when backward reaches them, that the
-        caller's input was not modified in place since forward.
+        """memcnn engine: hand the caller aliases of the outputs and check, when backward reaches them,
+        that the caller's input was not modified in place since forward.
 
-        The reversible chain recomputes from the kept input and sets ``.grad`` on its outputs; without
-        this, an in-place change of ``x`` would give silently wrong gradients, and the caller's output
-        would carry a stray ``.grad``.
+        memcnn recomputes from the kept input and sets ``.grad`` on its outputs; without this, an in-place
+        change of ``x`` would give silently wrong gradients, and the caller's output would carry a stray
+        ``.grad``. The fused engine never reads the caller's input in backward (it reconstructs it).
         """
-        if self.disable_custom_gradient or not torch.is_grad_enabled():
+        if not self._uses_memcnn or not torch.is_grad_enabled():
             return outputs
         outputs = [output.view_as(output) for output in outputs]
         if not any(before or after for before, after in padding):  # the first block kept the caller's x
@@ -196,32 +233,26 @@ class iUNet(nn.Module):
                     output.register_hook(check_input_unchanged)
         return outputs
 
-    def decode(self, *codes: torch.Tensor) -> torch.Tensor:
-        """The codes of ``encode`` -> (B, C_0, *S_padded). The caller's codes are left intact."""
-        codes = self._unpack(codes)
-        if not self.disable_custom_gradient:
-            codes = [code.clone() for code in codes]  # the reversible blocks release their inputs
-        return self._decode(codes)
-
-    def _encode(self, x: torch.Tensor) -> list[torch.Tensor]:
+    def _encode(self, x: torch.Tensor, run) -> list[torch.Tensor]:
         codes = []
         for level in range(self.num_levels):
             for block in self.encoder_levels[level]:
-                x = block(x)
+                x = run(block, x)
             if level < self.num_levels - 1:
-                skip, x = self.splits[level](x)
+                skip, x = run(self.splits[level], x)
                 codes.append(skip)
         codes.append(x)
         return codes
 
-    def _decode(self, codes: Sequence[torch.Tensor]) -> torch.Tensor:
+    def _decode(self, codes: Sequence[torch.Tensor], run) -> torch.Tensor:
         self._check_codes(codes)
-        x = codes[-1]
+        codes = list(codes)
+        x = codes.pop()
         for level in reversed(range(self.num_levels)):
             if level < self.num_levels - 1:
-                x = self.merges[level](codes[level], x)
+                x = run(self.merges[level], codes.pop(), x)  # the pass holds no reference to a used skip
             for block in self.decoder_levels[level]:
-                x = block(x)
+                x = run(block, x)
         return x
 
     # ----- inverse direction -------------------------------------------------------------------
@@ -233,33 +264,60 @@ class iUNet(nn.Module):
         result is cropped, which only approximates the padded region ``forward`` discarded.
         """
         padded, amounts = self._pad(y)
-        codes = self._inverse_decode(padded)
-        x = self._inverse_encode(codes)
+        run = self._new_pass()
+        x = run.outputs([self._inverse_encode(self._inverse_decode(padded, run), run)])[0]
         return crop_padding(x, amounts) if self.revert_input_padding else x
 
-    def _inverse_decode(self, y: torch.Tensor) -> list[torch.Tensor]:
+    def _inverse_decode(self, y: torch.Tensor, run) -> list[torch.Tensor]:
         codes = []
         for level in range(self.num_levels):
             for block in reversed(self.decoder_levels[level]):
-                y = block.inverse(y)
+                y = run.inverse(block, y)
             if level < self.num_levels - 1:
-                skip, y = self.merges[level].inverse(y)
+                skip, y = run.inverse(self.merges[level], y)
                 codes.append(skip)
         codes.append(y)
         return codes
 
-    def _inverse_encode(self, codes: Sequence[torch.Tensor]) -> torch.Tensor:
-        x = codes[-1]
+    def _inverse_encode(self, codes: Sequence[torch.Tensor], run) -> torch.Tensor:
+        codes = list(codes)
+        x = codes.pop()
         for level in reversed(range(self.num_levels)):
             if level < self.num_levels - 1:
-                x = self.splits[level].inverse(codes[level], x)
+                x = run.inverse(self.splits[level], codes.pop(), x)
             for block in reversed(self.encoder_levels[level]):
-                x = block.inverse(x)
+                x = run.inverse(block, x)
         return x
+
+    # ----- numerical health --------------------------------------------------------------------
+
+    @torch.no_grad()
+    def reconstruction_error(self, x: torch.Tensor) -> ReconstructionError:
+        """How well the network still inverts itself at ``x`` (B, in_channels, *S): relative errors
+        ``|x' - x| / |x|`` of ``x' = inverse(forward(x))``, and per level of the codes recovered by
+        inverting the decoder (level 0 at the top).
+
+        Reversible backprop reconstructs activations by these same inverses, so a large error means its
+        gradients are wrong. Runs in the current mode and autocast state (those of training, when called
+        there) and leaves every buffer as it was. Float32 networks measure about 1e-7..1e-5.
+        """
+        buffers = {name: buffer.clone() for name, buffer in self.named_buffers()}
+        try:
+            padded, _ = self._pad(x, warn=False)
+            run = PlainPass()
+            padded = carried(padded)
+            codes = self._encode(padded, run)
+            recovered = self._inverse_decode(self._decode(codes, run), run)
+            levels = tuple(relative_error(back, code) for back, code in zip(recovered, codes, strict=True))
+            total = relative_error(self._inverse_encode(recovered, run), padded)
+        finally:
+            for name, buffer in self.named_buffers():
+                buffer.copy_(buffers[name])
+        return ReconstructionError(total=total, levels=levels)
 
     # ----- helpers -----------------------------------------------------------------------------
 
-    def _pad(self, x: torch.Tensor) -> tuple[torch.Tensor, list[tuple[int, int]]]:
+    def _pad(self, x: torch.Tensor, warn: bool = True) -> tuple[torch.Tensor, list[tuple[int, int]]]:
         """Validate x (B, C, *S) and pad it to multiples of the downsampling factors."""
         if not isinstance(x, torch.Tensor) or x.dim() != self.dim + 2 or x.shape[1] != self.in_channels:
             shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
@@ -269,11 +327,11 @@ class iUNet(nn.Module):
             )
         padded, amounts = pad_to_multiple(x, self.downsampling_factors, self.padding_mode, self.padding_value)
         if padded is x:
-            if x.requires_grad and not self.disable_custom_gradient:
+            if x.requires_grad and self._uses_memcnn:
                 # memcnn sets .grad on its input and also returns that gradient: a leaf would get it
                 # twice, a non-leaf would carry a stray .grad. It only ever sees this alias.
                 padded = x.view_as(x)
-        elif self.verbose and tuple(x.shape[2:]) not in self._warned_shapes:
+        elif warn and self.verbose and tuple(x.shape[2:]) not in self._warned_shapes:
             self._warned_shapes.add(tuple(x.shape[2:]))
             warnings.warn(
                 f"iUNet: input size {tuple(x.shape[2:])} is padded to {tuple(padded.shape[2:])} "
@@ -299,3 +357,10 @@ class iUNet(nn.Module):
     def print_layout(self) -> None:
         """Print channels per level and the splits, as the original library does."""
         print(self.layout())
+
+
+def _rename_memcnn_keys(state_dict, prefix, *args) -> None:
+    """Checkpoints written before the engines existed kept every block inside memcnn's wrapper
+    (``<block>._fn.<name>``); the blocks now sit directly in the levels."""
+    for key in [k for k in state_dict if k.startswith(prefix) and "._fn." in k[len(prefix) :]]:
+        state_dict[prefix + key[len(prefix) :].replace("._fn.", ".")] = state_dict.pop(key)

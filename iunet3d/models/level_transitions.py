@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from iunet3d.models.resampling import InvertibleDownsampling, InvertibleUpsampling
+from iunet3d.models.reversible_engine import Reversal, leaf
 
 
 class SplitAndDownsample(nn.Module):
@@ -30,6 +31,13 @@ class SplitAndDownsample(nn.Module):
     def inverse(self, skip: torch.Tensor, low: torch.Tensor) -> torch.Tensor:
         return torch.cat([skip, self.downsampling.inverse(low)], dim=1)
 
+    def reverse(self, skip: torch.Tensor, low: torch.Tensor) -> Reversal:
+        """Input pieces (skip, upsampled low); outputs recomputed as (skip, downsampled piece)."""
+        skip = leaf(skip)
+        with torch.no_grad():
+            rest = leaf(self.downsampling.inverse(low))
+        return Reversal(inputs=((skip, rest),), outputs=((skip,), (self.downsampling(rest),)))
+
 
 class UpsampleAndMerge(nn.Module):
     """(skip: (B, k, *S), low: (B, m * d, *S / stride)) -> x: (B, k + d, *S)."""
@@ -45,3 +53,11 @@ class UpsampleAndMerge(nn.Module):
     def inverse(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         k = self.skipped_channels
         return x[:, :k].clone(memory_format=torch.contiguous_format), self.upsampling.inverse(x[:, k:])
+
+    def reverse(self, x: torch.Tensor) -> Reversal:
+        """Inputs (skip, low) reconstructed from x; output recomputed as pieces (skip, upsampled low)."""
+        k = self.skipped_channels
+        skip = leaf(x[:, :k])
+        with torch.no_grad():
+            low = leaf(self.upsampling.inverse(x[:, k:]))
+        return Reversal(inputs=((skip,), (low,)), outputs=((skip, self.upsampling(low)),))

@@ -104,8 +104,10 @@ class OrthogonalMatrices(nn.Module):
         """The matrices: (count, size, size), in ``dtype`` (default: the parameter's)."""
         if self.weight is None:
             return self.initial.to(dtype or self.initial.dtype)
-        weight = self.weight
-        if weight.dtype in (torch.float16, torch.bfloat16):  # no half-precision matrix_exp / solve
-            weight = weight.float()
-        rotation = orthogonal_from_skew(skew_symmetric(weight), self.method)
-        return (rotation @ self.initial.to(rotation.dtype)).to(dtype or self.weight.dtype)
+        # Computed in the wider of the parameter's and the requested dtype: float64 activations need
+        # matrices orthogonal to float64 precision.
+        compute = self.weight.dtype if dtype is None else torch.promote_types(self.weight.dtype, dtype)
+        if compute in (torch.float16, torch.bfloat16):  # no half-precision matrix_exp / solve
+            compute = torch.float32
+        rotation = orthogonal_from_skew(skew_symmetric(self.weight.to(compute)), self.method)
+        return (rotation @ self.initial.to(compute)).to(dtype or self.weight.dtype)

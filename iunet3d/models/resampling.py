@@ -15,7 +15,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from iunet3d.models.orthogonal import OrthogonalMatrices, haar_matrix, is_orthogonal, nearest_orthogonal
+from iunet3d.models.orthogonal import (
+    OrthogonalMatrices,
+    haar_matrix,
+    is_orthogonal,
+    nearest_orthogonal,
+)
+from iunet3d.models.precision import full_precision
+from iunet3d.models.reversible_engine import Reversal, reverse_through_inverse
 
 RESAMPLING_INITS = ("haar", "squeeze", "pixel_shuffle")
 _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
@@ -85,12 +92,18 @@ class _OrthogonalResampling(nn.Module):
         return self.matrices(dtype).reshape(self.channels * self.factor, 1, *self.stride)
 
     def downsample(self, x: torch.Tensor) -> torch.Tensor:
-        """x: (B, C, *S) -> (B, C * m, *S / stride)."""
-        return _CONV[self.dim](x, self.kernel(x.dtype), stride=self.stride, groups=self.channels)
+        """x: (B, C, *S) -> (B, C * m, *S / stride), in x's dtype even under autocast."""
+        with full_precision(x):
+            return _CONV[self.dim](x, self.kernel(x.dtype), stride=self.stride, groups=self.channels)
 
     def upsample(self, y: torch.Tensor) -> torch.Tensor:
-        """y: (B, C * m, *S) -> (B, C, *S * stride)."""
-        return _CONV_TRANSPOSE[self.dim](y, self.kernel(y.dtype), stride=self.stride, groups=self.channels)
+        """y: (B, C * m, *S) -> (B, C, *S * stride), in y's dtype even under autocast."""
+        with full_precision(y):
+            return _CONV_TRANSPOSE[self.dim](y, self.kernel(y.dtype), stride=self.stride, groups=self.channels)
+
+    def reverse(self, y: torch.Tensor) -> Reversal:
+        """Reversible backprop: the input reconstructed through the transposed kernel, then recomputed."""
+        return reverse_through_inverse(self, y)
 
     def extra_repr(self) -> str:
         return f"channels={self.channels}, stride={self.stride}, method={self.matrices.method!r}"

@@ -1,0 +1,90 @@
+"""How the iUNet applies its invertible layers in one pass: plain autograd, or a reversible engine.
+
+- ``PlainPass``: ordinary autograd, which stores activations (``disable_custom_gradient=True``, and every
+  pass without gradients).
+- ``FusedPass`` (``reversible_engine="fused"``, the default): ``ReversibleTape``, one recomputation per
+  block.
+- ``MemcnnPass`` (``reversible_engine="memcnn"``): memcnn's wrapper, the reference implementation.
+
+A pass object is made per call of the network: ``run(layer, *inputs)``, ``run.inverse(layer, *outputs)``
+and ``run.outputs(tensors)`` for what the pass returns.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from iunet3d.models.reversible_engine import ReversibleTape
+
+REVERSIBLE_ENGINES = ("fused", "memcnn")
+
+
+class PlainPass:
+    """Layers called directly; autograd records (and stores) what it needs."""
+
+    def __call__(self, layer: nn.Module, *inputs: torch.Tensor):
+        return layer(*inputs)
+
+    def inverse(self, layer: nn.Module, *outputs: torch.Tensor):
+        return layer.inverse(*outputs)
+
+    def outputs(self, tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        return list(tensors)
+
+
+class _InverseOf:
+    """A layer run backwards, as the engine sees it: calling it is the layer's inverse, its inverse the
+    layer's forward, and it has the layer's parameters."""
+
+    def __init__(self, layer: nn.Module):
+        self.layer = layer
+
+    def __call__(self, *outputs: torch.Tensor):
+        return self.layer.inverse(*outputs)
+
+    def inverse(self, *inputs: torch.Tensor):
+        return self.layer(*inputs)
+
+    def parameters(self):
+        return self.layer.parameters()
+
+    def modules(self):
+        return self.layer.modules()
+
+
+class FusedPass(ReversibleTape):
+    """The fused reversible engine; the inverse direction is reversible too (inverse, then recompute)."""
+
+    def inverse(self, layer: nn.Module, *outputs: torch.Tensor):
+        return self(_InverseOf(layer), *outputs)
+
+
+class MemcnnPass:
+    """memcnn's ``InvertibleModuleWrapper`` around each layer; the wrappers are cached in ``wrappers``
+    (not registered as modules, so the state dict is the same for every engine). The layers in
+    ``keep_inputs`` receive the caller's tensors: memcnn must not free those."""
+
+    def __init__(self, wrappers: dict[int, nn.Module], keep_inputs: tuple[nn.Module, nn.Module]):
+        from iunet3d.models.memcnn_engine import memcnn_wrapper
+
+        self._wrap, self._wrappers = memcnn_wrapper, wrappers
+        self._first, self._last = keep_inputs
+
+    def _wrapper(self, layer: nn.Module) -> nn.Module:
+        wrapper = self._wrappers.get(id(layer))
+        if wrapper is None or wrapper._fn is not layer:
+            wrapper = self._wrap(layer, keep_input=layer is self._first, keep_input_inverse=layer is self._last)
+            self._wrappers[id(layer)] = wrapper
+        return wrapper
+
+    def __call__(self, layer: nn.Module, *inputs: torch.Tensor):
+        return self._wrapper(layer)(*inputs)
+
+    def inverse(self, layer: nn.Module, *outputs: torch.Tensor):
+        return self._wrapper(layer).inverse(*outputs)
+
+    def outputs(self, tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        return list(tensors)
