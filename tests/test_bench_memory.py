@@ -20,30 +20,55 @@ def test_spread_depth_over_levels():
 def test_format_table_reports_ratios_of_measured_values():
     results = [
         CaseResult(5, "conventional", [2, 2, 1], 400.0, 2.0, None),
-        CaseResult(5, "reversible", [2, 2, 1], 100.0, 3.0, 1e-7),
+        CaseResult(5, "memcnn", [2, 2, 1], 100.0, 3.2, None),
+        CaseResult(5, "fused", [2, 2, 1], 80.0, 2.6, 1e-7),
         CaseResult(10, "conventional", [4, 3, 3], 800.0, 4.0, None),
-        CaseResult(10, "reversible", [4, 3, 3], 105.0, 6.4, 2e-7),
+        CaseResult(10, "memcnn", [4, 3, 3], 105.0, 6.4, None),
+        CaseResult(10, "fused", [4, 3, 3], 84.0, 5.2, 2e-7),
     ]
     table = format_table(results, "header")
-    assert "| 5 | [2, 2, 1] | 400 | 100 | 25.0% | 2.00 | 3.00 | 1.50x | 1.0e-07 |" in table
-    assert "| 10 | [4, 3, 3] | 800 | 105 | 13.1% | 4.00 | 6.40 | 1.60x | 2.0e-07 |" in table
-    assert "1.00 MB per added coupling layer" in table
+    assert ("| 5 | [2, 2, 1] | 400 | 100 | 80 | 2.00 | 3.20 | 2.60 | 25.0% | 20.0% | 80.0% | 1.60x | 1.30x | 0.81x "
+            "| 1.0e-07 |") in table  # fmt: skip
+    assert "| 10 | [4, 3, 3] | 800 | 105 | 84 | 4.00 | 6.40 | 5.20 | 13.1% | 10.5% | 80.0% | 1.60x | 1.30x |" in table
+    assert "fused peak growth: 0.80 MB per added coupling layer" in table
+    assert "memcnn peak growth: 1.00 MB per added coupling layer" in table
+
+
+def test_a_failed_mode_is_reported_not_hidden():
+    results = [
+        CaseResult(5, "conventional", [2, 2, 1], 400.0, 2.0, None),
+        CaseResult(5, "memcnn", [2, 2, 1], None, None, None, "RuntimeError: expected scalar type Float"),
+        CaseResult(5, "fused", [2, 2, 1], 80.0, 2.6, 1e-7),
+    ]
+    table = format_table(results, "header")
+    assert "| 5 | [2, 2, 1] | 400 | failed | 80 | 2.00 | failed | 2.60 | n/a | 20.0% | n/a | n/a | 1.30x | n/a |" in (
+        table
+    )
+    assert "memcnn failed at depth 5: RuntimeError: expected scalar type Float" in table
 
 
 @pytest.mark.slow
-def test_bench_memory_runs_and_reversible_memory_does_not_grow_with_depth():
+def test_bench_memory_runs_every_engine_and_reversible_memory_does_not_grow_with_depth():
     command = [sys.executable, "-m", "iunet3d", "bench", "memory", "--depths", "3", "9",
                "--size", "32", "--channels", "8", "--steps", "1", "--json"]  # fmt: skip
     completed = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert completed.returncode == 0, completed.stderr
     report = json.loads(completed.stdout.strip().splitlines()[-1])
-    assert "1x8x32^3" in report["header"] and "cpu" in report["header"]
+    assert "1x8x32^3" in report["header"] and "cpu" in report["header"] and "fp32" in report["header"]
     cases = {(c["depth"], c["mode"]): c for c in report["cases"]}
-    assert set(cases) == {(d, m) for d in (3, 9) for m in ("conventional", "reversible")}
-    assert all(c["peak_mb"] > 0 and c["step_s"] > 0 for c in cases.values())
+    assert set(cases) == {(d, m) for d in (3, 9) for m in ("conventional", "memcnn", "fused")}
+    assert all(c["peak_mb"] > 0 and c["step_s"] > 0 and c["error"] is None for c in cases.values())
     conventional_growth = cases[9, "conventional"]["peak_mb"] - cases[3, "conventional"]["peak_mb"]
-    reversible_growth = cases[9, "reversible"]["peak_mb"] - cases[3, "reversible"]["peak_mb"]
     assert conventional_growth > 5  # each coupling stores activations of about 2 MB here
-    assert reversible_growth < 0.25 * conventional_growth
-    assert cases[9, "reversible"]["peak_mb"] < cases[9, "conventional"]["peak_mb"]
-    assert cases[9, "reversible"]["reconstruction_error"] < 1e-5
+    for engine in ("memcnn", "fused"):
+        growth = cases[9, engine]["peak_mb"] - cases[3, engine]["peak_mb"]
+        assert growth < 0.25 * conventional_growth, engine
+        assert cases[9, engine]["peak_mb"] < cases[9, "conventional"]["peak_mb"], engine
+    assert cases[9, "fused"]["reconstruction_error"] < 1e-5
+
+
+def test_bench_memory_rejects_bad_arguments_in_one_line():
+    for arguments, message in ((["--precision", "fp8"], "--precision"), (["--modes", "checkpoint"], "--modes")):
+        completed = subprocess.run([sys.executable, "-m", "iunet3d", "bench", "memory", *arguments],
+                                   capture_output=True, text=True)  # fmt: skip
+        assert completed.returncode == 2 and message in completed.stderr and "Traceback" not in completed.stderr

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from ddp_gradients_worker import gradients, network_and_batch
+from ddp_gradients_worker import ENGINES, MODES, gradients, micro_batches, network_and_batch
 from train_helpers import DEMO_CONFIG, TINY, overrides
 from wandb_records import read_offline_config, read_offline_history, read_offline_run_ids
 
@@ -112,17 +112,37 @@ def demo(tmp_path_factory):
 
 
 def test_ddp_gradients_equal_single_process_gradients_on_the_combined_batch(tmp_path):
+    """Both engines: DDP's gradients are bit-identical to one process computing each rank's share and
+    averaging as DDP does (g0 / 2 + g1 / 2, in one thread as the ranks run), equal to the gradient of the
+    combined batch up to float rounding, and the two engines agree."""
     run(torchrun("--standalone", "--nproc-per-node=2", str(Path(__file__).with_name("ddp_gradients_worker.py")),
                  str(tmp_path)))  # fmt: skip
-    network, image, label = network_and_batch()
-    DiceCELoss()(network(image), label).backward()
-    expected = gradients(network)
-    for mode in ("whole", "accumulated"):
-        rank0, rank1 = (torch.load(tmp_path / f"grads-{mode}-{r}.pt") for r in (0, 1))
-        for name, value in expected.items():
-            assert torch.equal(rank0[name], rank1[name]), (mode, name)  # synchronised
-            assert torch.allclose(rank0[name], value, rtol=1e-4, atol=1e-7), (mode, name)
-        assert any(value.abs().max() > 1e-3 for value in expected.values())
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        combined = {}
+        for engine in ENGINES:
+            network, image, label = network_and_batch(engine)
+            DiceCELoss()(network(image), label).backward()
+            combined[engine] = gradients(network)
+            for mode in MODES:
+                shares = []
+                for rank in (0, 1):
+                    network, image, label = network_and_batch(engine)
+                    micros = micro_batches(rank, mode)
+                    for micro in micros:
+                        (DiceCELoss()(network(image[micro]), label[micro]) / len(micros)).backward()
+                    shares.append(gradients(network))
+                rank0, rank1 = (torch.load(tmp_path / f"grads-{engine}-{mode}-{r}.pt") for r in (0, 1))
+                for name, value in combined[engine].items():
+                    assert torch.equal(rank0[name], rank1[name]), (engine, mode, name)  # synchronised
+                    assert torch.equal(rank0[name], shares[0][name] / 2 + shares[1][name] / 2), (engine, mode, name)
+                    assert torch.allclose(rank0[name], value, rtol=1e-4, atol=1e-7), (engine, mode, name)
+    finally:
+        torch.set_num_threads(threads)
+    assert any(value.abs().max() > 1e-3 for value in combined["fused"].values())
+    for name, value in combined["fused"].items():
+        assert torch.allclose(value, combined["memcnn"][name], rtol=1e-4, atol=1e-7), name
 
 
 def test_the_demo_trains_validates_and_prints_its_summary(demo):
@@ -165,8 +185,10 @@ def test_the_offline_wandb_run_holds_the_logged_keys_at_their_steps(demo):
     assert steps_with("train/loss") == list(range(1, STEPS + 1))  # train.log_every = 1
     for key in ("train/lr", "perf/patches_per_s", "perf/voxels_per_s", "perf/peak_memory_mb"):
         assert steps_with(key) == list(range(1, STEPS + 1)), key
-    for key in ("val/dice_mean", "val/dice/liver", "val/dice/kidney", "val/dice/lesion"):
+    for key in ("val/dice_mean", "val/dice/liver", "val/dice/kidney", "val/dice/lesion",
+                "health/reconstruction_error", "health/reconstruction_error/level_0"):  # fmt: skip
         assert steps_with(key) == [3, 6], key
+    assert all(0 < row["health/reconstruction_error"] < 1e-5 for row in history if "health/reconstruction_error" in row)
     panels = [row["val/panel/0"] for row in history if "val/panel/0" in row]
     assert len(panels) == 2 and panels[0]["_type"] == "image-file"
     config = read_offline_config(run_dir, run_id)

@@ -75,7 +75,7 @@ def test_reverse_reconstructs_the_inputs_and_recomputes_the_outputs(example):
     layer, inputs = _layer_and_inputs(example)
     with torch.no_grad():
         outputs = _as_tuple(layer(*inputs))
-    reversal = reverse(layer, outputs)
+    reversal = reverse(layer, list(outputs))
     assert len(reversal.inputs) == len(inputs) and len(reversal.outputs) == len(outputs)
     for pieces, x in zip(reversal.inputs, inputs, strict=True):
         assert all(piece.requires_grad and piece.is_leaf for piece in pieces)

@@ -1,6 +1,8 @@
-"""``iunet3d bench memory``: the paper's memory table, conventional vs reversible, side by side.
+"""``iunet3d bench memory``: the paper's memory table, plain autograd vs both reversible engines, side by side.
 
-Every (depth, mode) case runs in fresh subprocesses so that no allocator state leaks between cases.
+Modes: ``conventional`` (plain autograd, ``disable_custom_gradient=True``), ``memcnn`` (memcnn's wrapper)
+and ``fused`` (our engine, the default). Every (depth, mode) case runs in fresh subprocesses so that no
+allocator state leaks between cases.
 Memory: one process per mode. CPU: peak RSS above the built-model baseline, with glibc's
 ``MALLOC_MMAP_THRESHOLD_=65536`` so that freed tensors go back to the OS and RSS tracks live tensors;
 CUDA: ``torch.cuda.max_memory_allocated`` above the baseline.
@@ -14,6 +16,7 @@ Depth = coupling layers per branch, spread evenly over the levels.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -22,7 +25,8 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 
-MODES = ("conventional", "reversible")
+MODES = ("conventional", "memcnn", "fused")
+PRECISIONS = ("fp32", "bf16")
 
 
 @dataclass
@@ -30,9 +34,10 @@ class CaseResult:
     depth: int
     mode: str
     architecture: list[int]
-    peak_mb: float
-    step_s: float
+    peak_mb: float | None  #: None: the mode failed (see ``error``)
+    step_s: float | None
     reconstruction_error: float | None
+    error: str | None = None
 
 
 def spread_depth(depth: int, levels: int) -> list[int]:
@@ -74,13 +79,21 @@ def _build(depth: int, mode: str, channels: int, levels: int, device: str):
     from iunet3d import iUNet
 
     torch.manual_seed(0)  # same weights in every process and mode
-    model = iUNet(channels, spread_depth(depth, levels), dim=3, disable_custom_gradient=(mode == "conventional"))
+    engine = {"conventional": {"disable_custom_gradient": True}, "memcnn": {"reversible_engine": "memcnn"}}
+    model = iUNet(channels, spread_depth(depth, levels), dim=3, **engine.get(mode, {}))
     _randomise(model)
     return model.to(device)
 
 
-def _training_step(model, x) -> float:
-    """One forward + backward; seconds (synchronised on CUDA)."""
+def _autocast(device: str, precision: str):
+    import torch
+
+    device_type = "cuda" if device.startswith("cuda") else "cpu"
+    return torch.autocast(device_type, dtype=torch.bfloat16, enabled=precision == "bf16")
+
+
+def _training_step(model, x, precision: str) -> float:
+    """One forward + backward (forward under ``precision``'s autocast); seconds (synchronised on CUDA)."""
     import torch
 
     cuda = x.device.type == "cuda"
@@ -88,79 +101,110 @@ def _training_step(model, x) -> float:
     if cuda:
         torch.cuda.synchronize()
     start = time.perf_counter()
-    model(x).square().mean().backward()
+    with _autocast(str(x.device), precision):
+        loss = model(x).float().square().mean()
+    loss.backward()
     if cuda:
         torch.cuda.synchronize()
     return time.perf_counter() - start
 
 
-def measure_peak_memory(depth: int, mode: str, channels: int, levels: int, size: int, device: str) -> float:
+def measure_peak_memory(args: argparse.Namespace, depth: int, mode: str) -> float:
     """Peak memory (MB) of one training step above the built-model baseline, after one warm-up step."""
     import gc
 
     import torch
 
-    model = _build(depth, mode, channels, levels, device)
-    x = torch.randn(1, channels, size, size, size, device=device)
-    _training_step(model, x)  # warm-up: allocator, oneDNN primitives
+    model = _build(depth, mode, args.channels, args.levels, args.device)
+    x = torch.randn(1, args.channels, args.size, args.size, args.size, device=args.device)
+    _training_step(model, x, args.precision)  # warm-up: allocator, oneDNN primitives
     model.zero_grad(set_to_none=True)
     gc.collect()
-    if device.startswith("cuda"):
+    if args.device.startswith("cuda"):
         baseline = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
-        _training_step(model, x)
+        _training_step(model, x, args.precision)
         return (torch.cuda.max_memory_allocated() - baseline) / 2**20
     baseline = _rss_mb("VmRSS")
     _reset_peak_rss()
-    _training_step(model, x)
+    _training_step(model, x, args.precision)
     return _rss_mb("VmHWM") - baseline
 
 
-def serve_step_times(depth: int, mode: str, channels: int, levels: int, size: int, device: str) -> None:
+def serve_step_times(args: argparse.Namespace, depth: int, mode: str) -> None:
     """Timing worker: build the model, warm up, then answer commands on stdin, one per line:
-    ``step`` -> seconds of one training step; ``error`` -> float32 ``|inverse(forward(x)) - x| / |x|``."""
+    ``step`` -> seconds of one training step; ``error`` -> ``reconstruction_error`` under the precision."""
     import torch
 
-    model = _build(depth, mode, channels, levels, device)
-    x = torch.randn(1, channels, size, size, size, device=device)
-    _training_step(model, x)  # warm-up
+    model = _build(depth, mode, args.channels, args.levels, args.device)
+    x = torch.randn(1, args.channels, args.size, args.size, args.size, device=args.device)
+    _training_step(model, x, args.precision)  # warm-up
     print("ready", flush=True)
     for line in sys.stdin:
         command = line.strip()
         if command == "step":
-            print(_training_step(model, x), flush=True)
+            print(_training_step(model, x, args.precision), flush=True)
         elif command == "error":
-            with torch.no_grad():
-                print(float((model.inverse(model(x)) - x).norm() / x.norm()), flush=True)
+            with _autocast(args.device, args.precision):
+                print(model.reconstruction_error(x).total, flush=True)
 
 
-def measure_step_times(args: argparse.Namespace, depth: int) -> dict:
+class WorkerFailedError(RuntimeError):
+    """A benchmark worker exited without an answer; ``reason`` is the last line of its error output."""
+
+    def __init__(self, depth: int, mode: str, stderr: str):
+        lines = [line for line in stderr.strip().splitlines() if line.strip()]
+        self.reason = lines[-1].strip() if lines else "exited without output"
+        super().__init__(f"benchmark worker depth={depth} {mode} failed:\n{stderr[-3000:]}")
+
+
+def measure_step_times(args: argparse.Namespace, depth: int, modes: list[str]) -> dict:
     """Median step time per mode. Each mode runs in its own process (its own allocator state, as in
-    training); the parent asks them for one step in turn, so load on a shared machine hits both alike."""
-    workers = {mode: _start_worker(args, depth, "time", mode, stdin=subprocess.PIPE) for mode in MODES}
-    try:
-        for mode, worker in workers.items():
-            _read_line(worker, depth, mode)  # "ready"
-        times: dict[str, list[float]] = {mode: [] for mode in MODES}
-        for _ in range(args.steps):
-            for mode, worker in workers.items():
-                worker.stdin.write("step\n")
+    training); the parent asks them for one step in turn, so load on a shared machine hits all alike.
+    Returns ``{"step_s": {mode: s}, "reconstruction_error": e or None, "failed": {mode: reason}}``."""
+    workers = {mode: _start_worker(args, depth, "time", mode, stdin=subprocess.PIPE) for mode in modes}
+    failed: dict[str, str] = {}
+    times: dict[str, list[float]] = {mode: [] for mode in modes}
+
+    def ask(mode: str, command: str | None) -> str | None:
+        if mode in failed:
+            return None
+        worker = workers[mode]
+        try:
+            if command is not None:
+                worker.stdin.write(command + "\n")
                 worker.stdin.flush()
-                times[mode].append(float(_read_line(worker, depth, mode)))
-        workers["reversible"].stdin.write("error\n")
-        workers["reversible"].stdin.flush()
-        error = float(_read_line(workers["reversible"], depth, "reversible"))
+            return _read_line(worker, depth, mode)
+        except (WorkerFailedError, BrokenPipeError) as error:
+            failed[mode] = error.reason if isinstance(error, WorkerFailedError) else "worker exited"
+            return None
+
+    try:
+        for mode in modes:
+            ask(mode, None)  # "ready"
+        for _ in range(args.steps):
+            for mode in modes:
+                answer = ask(mode, "step")
+                if answer is not None:
+                    times[mode].append(float(answer))
+        error = ask("fused", "error") if "fused" in modes else None
     finally:
         for worker in workers.values():
-            worker.stdin.close()
+            with contextlib.suppress(BrokenPipeError):
+                worker.stdin.close()
             worker.wait()
-    return {"step_s": {mode: statistics.median(times[mode]) for mode in MODES}, "reconstruction_error": error}
+    return {
+        "step_s": {mode: statistics.median(times[mode]) for mode in modes if times[mode] and mode not in failed},
+        "reconstruction_error": None if error is None else float(error),
+        "failed": failed,
+    }
 
 
 def _read_line(worker: subprocess.Popen, depth: int, mode: str) -> str:
     line = worker.stdout.readline()
     if not line:
-        raise RuntimeError(f"benchmark worker depth={depth} {mode} failed:\n{worker.stderr.read()[-3000:]}")
+        worker.wait()
+        raise WorkerFailedError(depth, mode, worker.stderr.read())
     return line.strip()
 
 
@@ -171,25 +215,30 @@ def _start_worker(args: argparse.Namespace, depth: int, measure: str, mode: str,
     command = [
         sys.executable, "-m", "iunet3d.bench.memory", "--worker", "--measure", measure, "--depth", str(depth),
         "--mode", mode, "--channels", str(args.channels), "--levels", str(args.levels), "--size", str(args.size),
-        "--device", args.device,
+        "--device", args.device, "--precision", args.precision,
     ]  # fmt: skip
     return subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **popen)
 
 
 def measure_depth(args: argparse.Namespace, depth: int) -> list[CaseResult]:
-    """Both modes at one depth: peak memory in a fresh process per mode (RSS-tracking allocator), then
-    step times from one timing process per mode (default allocator), stepped alternately."""
-    peaks = {}
-    for mode in MODES:
+    """Every mode at one depth: peak memory in a fresh process per mode (RSS-tracking allocator), then
+    step times from one timing process per mode (default allocator), stepped in turn."""
+    peaks, failed = {}, {}
+    for mode in args.modes:
         worker = _start_worker(args, depth, "memory", mode)
-        peaks[mode] = float(_read_line(worker, depth, mode))
+        try:
+            peaks[mode] = float(_read_line(worker, depth, mode))
+        except WorkerFailedError as error:
+            failed[mode] = error.reason
         worker.wait()
-    timing = measure_step_times(args, depth)
+    timing = measure_step_times(args, depth, [mode for mode in args.modes if mode not in failed])
+    failed.update(timing["failed"])
     architecture = spread_depth(depth, args.levels)
     return [
-        CaseResult(depth, mode, architecture, round(peaks[mode], 2), timing["step_s"][mode],
-                   timing["reconstruction_error"] if mode == "reversible" else None)
-        for mode in MODES
+        CaseResult(depth, mode, architecture, None if mode in failed else round(peaks[mode], 2),
+                   timing["step_s"].get(mode), timing["reconstruction_error"] if mode == "fused" else None,
+                   failed.get(mode))
+        for mode in args.modes
     ]  # fmt: skip
 
 
@@ -207,30 +256,53 @@ def cpu_convolution_regime(channels: int, levels: int, size: int) -> str:
     return "CPU 3D convolution path of the coupling functions: " + ", ".join(parts)
 
 
+def _ratio(numerator: float | None, denominator: float | None, unit: str) -> str:
+    if numerator is None or denominator is None:
+        return "n/a"
+    return f"{100 * numerator / denominator:.1f}%" if unit == "%" else f"{numerator / denominator:.2f}x"
+
+
+def _value(value: float | None, spec: str) -> str:
+    return "failed" if value is None else format(value, spec)
+
+
 def format_table(results: list[CaseResult], header: str) -> str:
-    """A Markdown table: one row per depth, conventional and reversible side by side."""
+    """A Markdown table: one row per depth, the modes side by side, ratios to conventional and memcnn."""
     by_key = {(r.depth, r.mode): r for r in results}
     depths = sorted({r.depth for r in results})
-    lines = [
-        header,
-        "",
-        "| depth | architecture | conventional MB | reversible MB | memory ratio | conventional s/step "
-        "| reversible s/step | time ratio | fp32 reconstruction error |",
-        "|---|---|---|---|---|---|---|---|---|",
-    ]
+    modes = [mode for mode in MODES if any(r.mode == mode for r in results)]
+    columns = (["depth", "architecture"] + [f"{mode} MB" for mode in modes] + [f"{mode} s/step" for mode in modes]
+               + [f"{a}/{b} {what}" for what in ("memory", "time") for a, b in _COMPARISONS
+                  if a in modes and b in modes]
+               + ["fused reconstruction error"] * ("fused" in modes))  # fmt: skip
+    lines = [header, "", "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     for depth in depths:
-        conv, rev = by_key[(depth, "conventional")], by_key[(depth, "reversible")]
-        lines.append(
-            f"| {depth} | {rev.architecture} | {conv.peak_mb:.0f} | {rev.peak_mb:.0f} "
-            f"| {100 * rev.peak_mb / conv.peak_mb:.1f}% | {conv.step_s:.2f} | {rev.step_s:.2f} "
-            f"| {rev.step_s / conv.step_s:.2f}x | {rev.reconstruction_error:.1e} |"
-        )
+        rows = {mode: by_key[(depth, mode)] for mode in modes}
+        cells = [str(depth), str(next(iter(rows.values())).architecture)]
+        cells += [_value(rows[mode].peak_mb, ".0f") for mode in modes]
+        cells += [_value(rows[mode].step_s, ".2f") for mode in modes]
+        for what, unit in (("peak_mb", "%"), ("step_s", "x")):
+            cells += [_ratio(getattr(rows[a], what), getattr(rows[b], what), unit)
+                      for a, b in _COMPARISONS if a in modes and b in modes]  # fmt: skip
+        if "fused" in modes:
+            error = rows["fused"].reconstruction_error
+            cells.append("n/a" if error is None else f"{error:.1e}")
+        lines.append("| " + " | ".join(cells) + " |")
     if len(depths) > 1:
-        first, last = by_key[(depths[0], "reversible")], by_key[(depths[-1], "reversible")]
-        growth = (last.peak_mb - first.peak_mb) / (depths[-1] - depths[0])
-        lines += ["", f"reversible peak growth: {growth:.2f} MB per added coupling layer per branch "
-                      f"(depth {depths[0]} -> {depths[-1]})"]  # fmt: skip
+        lines.append("")
+        for mode in modes:
+            first, last = by_key[(depths[0], mode)], by_key[(depths[-1], mode)]
+            if first.peak_mb is not None and last.peak_mb is not None:
+                growth = (last.peak_mb - first.peak_mb) / (depths[-1] - depths[0])
+                lines.append(f"{mode} peak growth: {growth:.2f} MB per added coupling layer per branch "
+                             f"(depth {depths[0]} -> {depths[-1]})")  # fmt: skip
+    for result in results:
+        if result.error:
+            lines.append(f"{result.mode} failed at depth {result.depth}: {result.error}")
     return "\n".join(lines)
+
+
+_COMPARISONS = (("memcnn", "conventional"), ("fused", "conventional"), ("fused", "memcnn"))
 
 
 def run(args: argparse.Namespace) -> int:
@@ -243,16 +315,18 @@ def run(args: argparse.Namespace) -> int:
     for name in ("channels", "levels", "size", "steps"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name} must be >= 1, got {getattr(args, name)}")
+    args.modes = list(dict.fromkeys(args.modes))
     for depth in args.depths:
         spread_depth(depth, args.levels)  # fails early, naming --depths
     device_name = torch.cuda.get_device_name(args.device) if cuda else "CPU"
     header = (
-        f"iUNet memory benchmark: device={args.device} ({device_name}), float32, input 1x{args.channels}x"
+        f"iUNet memory benchmark: device={args.device} ({device_name}), {args.precision} "
+        f"({'bf16 autocast' if args.precision == 'bf16' else 'float32'}), input 1x{args.channels}x"
         f"{args.size}^3, {args.levels} levels, stride 2, one forward+backward per step "
         f"(time: median of {args.steps}), torch {torch.__version__}, {torch.get_num_threads()} threads; "
         + ("peak = torch.cuda.max_memory_allocated above baseline" if cuda
            else "peak = RSS high-water mark above the built-model baseline, MALLOC_MMAP_THRESHOLD_=65536; "
-                "step times from one process per mode with the default allocator, stepped alternately")
+                "step times from one process per mode with the default allocator, stepped in turn")
     )  # fmt: skip
     if not cuda:
         header += "\n" + cpu_convolution_regime(args.channels, args.levels, args.size)
@@ -260,8 +334,8 @@ def run(args: argparse.Namespace) -> int:
     for depth in args.depths:
         for result in measure_depth(args, depth):
             results.append(result)
-            print(f"  measured depth={depth:>3} {result.mode:<12} peak={result.peak_mb:9.1f} MB "
-                  f"step={result.step_s:6.2f} s", file=sys.stderr, flush=True)  # fmt: skip
+            print(f"  measured depth={depth:>3} {result.mode:<12} peak={_value(result.peak_mb, '9.1f')} MB "
+                  f"step={_value(result.step_s, '6.2f')} s", file=sys.stderr, flush=True)  # fmt: skip
     if args.json:
         print(json.dumps({"header": header, "cases": [asdict(r) for r in results]}))
     else:
@@ -276,6 +350,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--size", type=int, default=64, help="input edge length: 1 x C x size^3 (default 64)")
     parser.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
     parser.add_argument("--steps", type=int, default=3, help="measured steps per case (median time)")
+    parser.add_argument("--precision", choices=PRECISIONS, default="fp32",
+                        help="fp32, or bf16 autocast around the forward pass (default fp32)")  # fmt: skip
+    parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES),
+                        help="which of conventional, memcnn and fused to measure (default: all)")  # fmt: skip
     parser.add_argument("--json", action="store_true", help="print one JSON line instead of the table")
 
 
@@ -288,9 +366,9 @@ def _worker_main() -> None:
     add_arguments(parser)
     args = parser.parse_args()
     if args.measure == "memory":
-        print(measure_peak_memory(args.depth, args.mode, args.channels, args.levels, args.size, args.device))
+        print(measure_peak_memory(args, args.depth, args.mode))
     else:
-        serve_step_times(args.depth, args.mode, args.channels, args.levels, args.size, args.device)
+        serve_step_times(args, args.depth, args.mode)
 
 
 if __name__ == "__main__":

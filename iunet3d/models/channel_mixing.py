@@ -48,9 +48,9 @@ class InvertibleChannelMixing(nn.Module):
         with full_precision(y):
             return _CONV[self.dim](y, self._kernel(y.dtype, transpose=True))
 
-    def reverse(self, y: torch.Tensor) -> Reversal:
+    def reverse(self, outputs: list[torch.Tensor]) -> Reversal:
         """Reversible backprop: the input reconstructed through Q^T, then recomputed."""
-        return reverse_through_inverse(self, y)
+        return reverse_through_inverse(self, outputs)
 
     def extra_repr(self) -> str:
         return f"channels={self.channels}, dim={self.dim}, method={self.matrices.method!r}"

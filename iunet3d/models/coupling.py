@@ -113,9 +113,10 @@ class AdditiveCoupling(nn.Module):
         parameter = next(self.function.parameters(), None)
         return self.function(function_input(half, None if parameter is None else parameter.dtype))
 
-    def reverse(self, y: torch.Tensor) -> Reversal:
+    def reverse(self, outputs: list[torch.Tensor]) -> Reversal:
         """One evaluation of the function, with grad, both reconstructs the input and recomputes the output
-        (reversible backprop): ``f = F(a); b = y_b - f``, output pieces ``(a, b + f)``."""
+        (reversible backprop): ``f = F(a); b = y_b - f``, output pieces ``(a, b + f)``. outputs: [y]."""
+        (y,) = outputs
         first, second = y[:, : self.split_position], y[:, self.split_position :]
         if self.update_second:
             a = leaf(first)

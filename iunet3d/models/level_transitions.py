@@ -31,11 +31,13 @@ class SplitAndDownsample(nn.Module):
     def inverse(self, skip: torch.Tensor, low: torch.Tensor) -> torch.Tensor:
         return torch.cat([skip, self.downsampling.inverse(low)], dim=1)
 
-    def reverse(self, skip: torch.Tensor, low: torch.Tensor) -> Reversal:
-        """Input pieces (skip, upsampled low); outputs recomputed as (skip, downsampled piece)."""
-        skip = leaf(skip)
+    def reverse(self, outputs: list[torch.Tensor]) -> Reversal:
+        """outputs: [skip, low]. Input pieces (skip, upsampled low); outputs recomputed as (skip, downsampled
+        piece). ``low`` is released before the recomputation."""
+        skip = leaf(outputs[0])
         with torch.no_grad():
-            rest = leaf(self.downsampling.inverse(low))
+            rest = leaf(self.downsampling.inverse(outputs[1]))
+        outputs.clear()
         return Reversal(inputs=((skip, rest),), outputs=((skip,), (self.downsampling(rest),)))
 
 
@@ -54,10 +56,12 @@ class UpsampleAndMerge(nn.Module):
         k = self.skipped_channels
         return x[:, :k].clone(memory_format=torch.contiguous_format), self.upsampling.inverse(x[:, k:])
 
-    def reverse(self, x: torch.Tensor) -> Reversal:
-        """Inputs (skip, low) reconstructed from x; output recomputed as pieces (skip, upsampled low)."""
+    def reverse(self, outputs: list[torch.Tensor]) -> Reversal:
+        """outputs: [x]. Inputs (skip, low) reconstructed from x (released before the recomputation); output
+        recomputed as pieces (skip, upsampled low)."""
         k = self.skipped_channels
-        skip = leaf(x[:, :k])
+        skip = leaf(outputs[0][:, :k].clone())
         with torch.no_grad():
-            low = leaf(self.upsampling.inverse(x[:, k:]))
+            low = leaf(self.upsampling.inverse(outputs[0][:, k:]))
+        outputs.clear()
         return Reversal(inputs=((skip,), (low,)), outputs=((skip, self.upsampling(low)),))

@@ -101,9 +101,9 @@ class _OrthogonalResampling(nn.Module):
         with full_precision(y):
             return _CONV_TRANSPOSE[self.dim](y, self.kernel(y.dtype), stride=self.stride, groups=self.channels)
 
-    def reverse(self, y: torch.Tensor) -> Reversal:
+    def reverse(self, outputs: list[torch.Tensor]) -> Reversal:
         """Reversible backprop: the input reconstructed through the transposed kernel, then recomputed."""
-        return reverse_through_inverse(self, y)
+        return reverse_through_inverse(self, outputs)
 
     def extra_repr(self) -> str:
         return f"channels={self.channels}, stride={self.stride}, method={self.matrices.method!r}"

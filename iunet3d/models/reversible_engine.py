@@ -32,7 +32,7 @@ from torch.autograd.function import once_differentiable
 
 
 class Reversal(NamedTuple):
-    """A layer's backward recomputation, from ``layer.reverse(*outputs)``.
+    """A layer's backward recomputation, from ``layer.reverse(outputs)``.
 
     inputs: per layer input, its channel pieces (tensors requiring grad; the input is their
         concatenation along dim 1), reconstructed from the outputs.
@@ -53,31 +53,37 @@ def as_tuple(value) -> tuple:
     return value if isinstance(value, tuple) else (value,)
 
 
-def reverse_through_inverse(layer: nn.Module, *outputs: torch.Tensor) -> Reversal:
+def reverse_through_inverse(layer: nn.Module, outputs: list[torch.Tensor]) -> Reversal:
     """The reversal of a layer without a function to share: its inputs reconstructed by ``inverse``, then
     its forward recomputed from them with grad (for orthogonal resampling and mixing, the inverse is
-    the transposed operator)."""
+    the transposed operator). The outputs are released before the recomputation."""
     with torch.no_grad():
         inputs = as_tuple(layer.inverse(*outputs))
+    outputs.clear()
     leaves = tuple(leaf(x) for x in inputs)
     return Reversal(tuple((x,) for x in leaves), tuple((y,) for y in as_tuple(layer(*leaves))))
 
 
-def reverse(layer: nn.Module, outputs: Sequence[torch.Tensor]) -> Reversal:
-    """``layer.reverse(*outputs)``, or ``reverse_through_inverse`` for a layer without ``reverse`` (a custom
-    invertible layer: two evaluations of its function instead of one)."""
+def reverse(layer: nn.Module, outputs: list[torch.Tensor]) -> Reversal:
+    """``layer.reverse(outputs)``, or ``reverse_through_inverse`` for a layer without ``reverse`` (a custom
+    invertible layer: two evaluations of its function instead of one).
+
+    ``outputs`` holds the engine's only references to the layer's output values: a layer may empty it
+    (and drop its own references) once its inputs are reconstructed, so that the outputs are freed
+    before the recomputation allocates new tensors.
+    """
     if hasattr(layer, "reverse"):
-        return layer.reverse(*outputs)
-    return reverse_through_inverse(layer, *outputs)
+        return layer.reverse(outputs)
+    return reverse_through_inverse(layer, outputs)
 
 
 class _Handoff:
     """One tensor between two layers: what the producing layer's backward will need as its output.
 
     After forward it holds a detached alias of the output (no graph, so no reference cycle). When a
-    later layer consumes the tensor, the alias is dropped so the tensor can be freed; that layer's
-    backward then leaves its reconstructed input here. An output nobody consumed (it left the network)
-    keeps its alias, checked against in-place changes.
+    later layer consumes the tensor, or the tensor leaves the network through ``ReversibleTape.outputs``,
+    the alias is dropped so the tensor can be freed; that layer's backward (or ``_Outputs``) then leaves
+    the value here. An output that was neither keeps its alias, checked against in-place changes.
     """
 
     __slots__ = ("value", "version", "reconstructed")
@@ -178,6 +184,7 @@ class _ReversibleLayer(torch.autograd.Function):
         outputs = [handoff.take(layer) for handoff in ctx.output_handoffs]
         with torch.enable_grad(), ctx.autocast.context(), ctx.random_state.restored(), _frozen_batch_norm(layer):
             reversal = reverse(layer, outputs)
+            del outputs
             recomputed, grads = [], []
             for pieces, grad in zip(reversal.outputs, grad_outputs, strict=True):
                 recomputed += pieces
@@ -232,18 +239,24 @@ class _frozen_batch_norm:
                     getattr(module, name).copy_(value)
 
 
-class _Join(torch.autograd.Function):
-    """Identity on several outputs of one pass, so that backward from any of them reaches every layer
-    (unused ones receive zero gradients) and each layer is handed the outputs it needs."""
+class _Outputs(torch.autograd.Function):
+    """The outputs of one pass, saved by autograd until backward reaches them (and freed then, unless the
+    graph is retained), and handed to the layers that produced them. With several outputs, backward from
+    any of them reaches every layer (unused outputs give zero gradients), so each layer gets its outputs."""
 
     @staticmethod
-    def forward(ctx, *tensors):
+    def forward(ctx, handoffs, *tensors):
+        ctx.handoffs = handoffs
+        ctx.save_for_backward(*tensors)
         return tuple(t.view_as(t) for t in tensors)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, *grads):
-        return grads
+        for handoff, value in zip(ctx.handoffs, ctx.saved_tensors, strict=True):
+            if handoff is not None:
+                handoff.deliver(value)
+        return (None, *grads)
 
 
 class ReversibleTape:
@@ -252,7 +265,7 @@ class ReversibleTape:
     ``tape(layer, *inputs)`` applies the layer and remembers which layer produced each output, so the
     layer that consumes it can hand its reconstruction back in backward. Layers that need no gradient
     (grad mode off, or nothing requiring grad) run as plain calls. ``tape.outputs(tensors)`` returns the
-    pass's outputs, joined when there are several (see ``_Join``).
+    pass's outputs, kept for backward by autograd rather than by the tape (see ``_Outputs``).
     """
 
     def __init__(self):
@@ -271,9 +284,10 @@ class ReversibleTape:
 
     def outputs(self, tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         tensors = list(tensors)
-        if len(tensors) > 1 and torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
-            return list(_Join.apply(*tensors))
-        return tensors
+        if not torch.is_grad_enabled() or not any(t.requires_grad for t in tensors):
+            return tensors
+        handoffs = tuple(self._consume(t) for t in tensors)
+        return list(as_tuple(_Outputs.apply(handoffs, *tensors)))
 
     def _consume(self, tensor: torch.Tensor) -> _Handoff | None:
         entry = self._produced.pop(id(tensor), None)

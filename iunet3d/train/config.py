@@ -18,6 +18,7 @@ PRECISIONS = ("bf16", "fp16", "fp32")
 SCHEDULES = ("cosine", "poly", "constant")
 DEVICES = ("auto", "cpu", "cuda")
 NORMS = ("group", "instance", "none")
+ENGINES = ("fused", "memcnn", "none")  #: SegmentationIUNet's reversible_engine (kept torch-free here)
 
 
 def _positive(section: str, **values) -> None:
@@ -78,6 +79,9 @@ class ModelConfig:
     norm: str = "group"
     num_groups: int = 8
     channel_mixing_freq: int = -1  #: -1: one learnable channel mixing per level, 0: none
+    #: reversible backprop: fused (one recomputation per block, bf16 inside the chain), memcnn (the reference:
+    #: three evaluations per coupling, float32 only), none (plain autograd: stores activations, memory grows with depth)
+    reversible_engine: str = "fused"
 
     def __post_init__(self) -> None:
         if len(self.resampling_stride) != len(self.architecture) - 1:
@@ -88,6 +92,8 @@ class ModelConfig:
             )
         if self.norm not in NORMS:
             raise ValueError(f"model.norm: expected one of {NORMS}, got {self.norm!r}")
+        if self.reversible_engine not in ENGINES:
+            raise ValueError(f"model.reversible_engine: expected one of {ENGINES}, got {self.reversible_engine!r}")
         _positive("model", channels=self.channels, block_depth=self.block_depth, num_groups=self.num_groups)
 
     def network_kwargs(self) -> dict:
@@ -101,6 +107,7 @@ class ModelConfig:
             "norm": None if self.norm == "none" else self.norm,
             "num_groups": self.num_groups,
             "channel_mixing_freq": self.channel_mixing_freq,
+            "reversible_engine": self.reversible_engine,
         }
 
 
@@ -131,6 +138,10 @@ class TrainConfig:
     device: str = "auto"  #: auto: CUDA when available (the GPU of LOCAL_RANK), else CPU
     channels_last: bool = False  #: channels-last 3D memory format (1.3-2x faster CPU convolutions)
     log_every: int = 10  #: steps between logged (rank-reduced) training metrics
+    #: steps between checks of the iUNet's reconstruction error on the current batch (0: at every validation;
+    #: -1: never), logged as health/reconstruction_error
+    health_every: int = 0
+    health_threshold: float = 1e-3  #: a reconstruction error above this warns once: reversible gradients are off
 
     def __post_init__(self) -> None:
         _positive("train", steps=self.steps, checkpoint_every=self.checkpoint_every, log_every=self.log_every,
@@ -142,6 +153,11 @@ class TrainConfig:
             )
         if self.lr <= 0 or self.weight_decay < 0 or self.clip_grad_norm < 0 or self.warmup_steps < 0:
             raise ValueError("train: lr must be > 0; weight_decay, clip_grad_norm and warmup_steps >= 0")
+        if self.health_every < -1:
+            raise ValueError(f"train.health_every: expected -1 (never), 0 (at validations) or a step count, got "
+                             f"{self.health_every}")  # fmt: skip
+        if not self.health_threshold > 0:
+            raise ValueError(f"train.health_threshold: expected a positive number, got {self.health_threshold}")
         if not 0 <= self.min_lr_ratio <= 1:
             raise ValueError(f"train.min_lr_ratio: expected a number in [0, 1], got {self.min_lr_ratio}")
         for key, value, allowed in (("schedule", self.schedule, SCHEDULES), ("precision", self.precision, PRECISIONS),

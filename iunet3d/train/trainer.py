@@ -22,6 +22,7 @@ from iunet3d.models.segmentation import SegmentationIUNet
 from iunet3d.train.checkpoint import CheckpointManager, load_checkpoint
 from iunet3d.train.config import TrainingConfig
 from iunet3d.train.distributed import Distributed
+from iunet3d.train.health import InvertibilityMonitor
 from iunet3d.train.loss import DiceCELoss
 from iunet3d.train.preemption import PreemptionFlag
 from iunet3d.train.run_directory import prepare_run_directory, write_summary
@@ -101,6 +102,8 @@ class Trainer:
         )  # fmt: skip
         self.preemption = PreemptionFlag()
         self.last_validation: ValidationResult | None = None
+        self.health = InvertibilityMonitor(train.health_every, train.health_threshold, distributed, self.autocast)
+        self.last_image: torch.Tensor | None = None  # the last micro-batch, for the health check
 
     def _patch_loader(self, cases: list[str], pin_memory: bool):
         from iunet3d.data import PatchLoader, PatchStream
@@ -158,7 +161,10 @@ class Trainer:
                 if self.step % train.log_every == 0 or self.step == train.steps:
                     self.logger.log(meter.collect(self.scheduler.get_last_lr()[0]), self.step)
                     self._say(meter.last_line(self.step, train.steps))
-                if self._validation_due():
+                validating = self._validation_due()
+                if self.health.due(self.step, validating):
+                    self.logger.log(self.health.check(self.network, self.last_image, self.step), self.step)
+                if validating:
                     self.validate()
                 if self.step % train.checkpoint_every == 0 or self.step == train.steps or preempted:
                     self.save_checkpoint()
@@ -184,7 +190,7 @@ class Trainer:
         total = 0.0
         for micro_step in range(accumulation):
             batch = next(self.loader)
-            image = self.to_device(batch["image"])
+            image = self.last_image = self.to_device(batch["image"])
             label = batch["label"].to(self.device, non_blocking=True)
             last = micro_step == accumulation - 1
             sync = self.model.no_sync() if self.distributed.active and not last else contextlib.nullcontext()
@@ -314,6 +320,7 @@ class Trainer:
             "wandb_id": self.identity["wandb_id"],
             **meter.totals(),
         }
+        summary.update(self.health.last)
         if self.last_validation is not None:
             summary["val/dice_mean"] = self.last_validation.dice_mean
             summary.update({f"val/dice/{k}": v for k, v in self.last_validation.dice.items()})
