@@ -104,6 +104,7 @@ def threshold_phantom(tmp_path_factory):
     return path
 
 
+@pytest.mark.slow
 def test_labels_stay_aligned_with_the_image_under_spatial_augmentation(threshold_phantom):
     strong = AugmentationConfig(affine_probability=1.0, rotation_degrees=(30.0, 10.0, 10.0), scale_range=(0.7, 1.4),
                                 elastic_probability=1.0, low_resolution_probability=0.0, **SPATIAL_ONLY)  # fmt: skip

@@ -18,6 +18,7 @@ def _bench(*arguments: str) -> subprocess.CompletedProcess:
     return subprocess.run(command, capture_output=True, text=True, timeout=180)
 
 
+@pytest.mark.slow
 def test_bench_data_runs_both_sides_and_reuses_its_data(tmp_path):
     data = tmp_path / "data"
     completed = _bench(*TINY, "--batch-size", "3", "--dir", str(data), "--json")

@@ -7,6 +7,7 @@ import sys
 import pytest
 
 from iunet3d.bench.memory import CaseResult, format_table, spread_depth
+from iunet3d.cli import main
 
 
 def test_spread_depth_over_levels():
@@ -67,8 +68,11 @@ def test_bench_memory_runs_every_engine_and_reversible_memory_does_not_grow_with
     assert cases[9, "fused"]["reconstruction_error"] < 1e-5
 
 
-def test_bench_memory_rejects_bad_arguments_in_one_line():
-    for arguments, message in ((["--precision", "fp8"], "--precision"), (["--modes", "checkpoint"], "--modes")):
-        completed = subprocess.run([sys.executable, "-m", "iunet3d", "bench", "memory", *arguments],
-                                   capture_output=True, text=True)  # fmt: skip
-        assert completed.returncode == 2 and message in completed.stderr and "Traceback" not in completed.stderr
+@pytest.mark.parametrize(("arguments", "message"), [(["--precision", "fp8"], "--precision"),
+                                                    (["--modes", "checkpoint"], "--modes")])  # fmt: skip
+def test_bench_memory_rejects_bad_arguments_in_one_line(arguments, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["bench", "memory", *arguments])
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err
+    assert message in error and "Traceback" not in error

@@ -36,6 +36,7 @@ def bench(tmp_path_factory):
     return json.loads((directory / "report.json").read_text()), printed.getvalue(), directory / "data"
 
 
+@pytest.mark.slow
 def test_both_modes_run_once_per_size_in_alternating_order(bench):
     report, _, _ = bench
     assert [(tuple(r["shape"]), r["mode"]) for r in report["runs"]] == [
@@ -57,6 +58,7 @@ def test_both_modes_run_once_per_size_in_alternating_order(bench):
     assert report["settings"]["patch"] == [16, 32, 32] and report["settings"]["max_memory"] == 8
 
 
+@pytest.mark.slow
 def test_labels_are_identical_across_modes_and_not_trivial(bench):
     report, _, directory = bench
     for entry in report["sizes"]:
@@ -72,6 +74,7 @@ def test_labels_are_identical_across_modes_and_not_trivial(bench):
     assert np.bincount(memory.ravel(), minlength=CLASSES).tolist() == report["sizes"][1]["label_counts"]
 
 
+@pytest.mark.slow
 def test_in_memory_peak_grows_with_the_accumulator_and_streaming_does_not(bench):
     report, _, _ = bench
     large = report["sizes"][1]
@@ -81,6 +84,7 @@ def test_in_memory_peak_grows_with_the_accumulator_and_streaming_does_not(bench)
     assert large["streaming"]["peak_growth_mb"] < 0.4 * accumulator_mb
 
 
+@pytest.mark.slow
 def test_the_table_has_one_row_per_size(bench):
     report, printed, _ = bench
     rows = [line for line in printed.splitlines() if line.startswith("| ") and line[2].isdigit()]

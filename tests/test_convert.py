@@ -187,6 +187,7 @@ def test_empty_input_directory_is_an_error(tmp_path):
         pair_case_files(tmp_path / "empty", None)
 
 
+@pytest.mark.slow
 def test_cli_batch_exit_code_and_summary(tmp_path):
     images, labels = _batch(tmp_path, count=2)
     (labels / "case1.nii.gz").write_bytes(b"broken")

@@ -54,6 +54,7 @@ def flat(batches: list[dict], key: str) -> list:
 # -- sharding and determinism -------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_two_ranks_with_two_workers_each_produce_disjoint_patches_covering_the_global_sequence(phantoms):
     batches_per_rank, batch_size = 6, 2
     noisy = AugmentationConfig(noise_probability=1.0)  # makes every produced patch's content unique
@@ -82,6 +83,7 @@ def test_two_ranks_with_two_workers_each_produce_disjoint_patches_covering_the_g
     assert flat(seen[0], "location") != flat(seen[1], "location")
 
 
+@pytest.mark.slow
 def test_the_order_does_not_depend_on_the_number_of_workers_and_resume_is_exact(phantoms):
     augmented = {"transform": AugmentationConfig(affine_probability=0.5, low_resolution_probability=0.5)}
     reference = PatchLoader(stream(phantoms, **augmented), batch_size=3, num_workers=0)
@@ -259,6 +261,7 @@ def test_a_corrupted_chunk_fails_naming_the_case_also_from_a_worker(tmp_path):
     loader.close()
 
 
+@pytest.mark.slow
 def test_bad_arguments_are_named(phantoms, tmp_path):
     with pytest.raises(DataError, match="patch_size"):
         stream(phantoms, patch_size=(8, 0, 8))

@@ -41,6 +41,7 @@ def large_case(tmp_path_factory):
     return root / "large", checkpoint
 
 
+@pytest.mark.slow
 def test_the_max_memory_limit_holds_for_a_volume_whose_accumulator_exceeds_it(large_case, tmp_path):
     dataset, checkpoint = large_case
     accumulator_mb = accumulator_bytes(len(SYNTH_CLASS_NAMES), SHAPE) / 2**20

@@ -18,6 +18,7 @@ def synth(out, *extra):
     return subprocess.run(command, capture_output=True, text=True, encoding="utf-8")
 
 
+@pytest.mark.slow
 def test_synth_writes_a_labelled_deterministic_dataset_and_resumes(tmp_path):
     first = synth(tmp_path / "a", "--cases", "2", "--seed", "3", "--workers", "2")
     assert first.returncode == 0, first.stderr

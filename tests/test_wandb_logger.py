@@ -101,6 +101,7 @@ def test_offline_run_logs_metrics_at_their_steps_with_the_run_config(tmp_path):
     assert command[:2] == ["wandb", "sync"] and glob.glob(command[2]) == [str(run.path.parent)]
 
 
+@pytest.mark.slow
 def test_resume_with_the_stored_id_continues_the_run_and_drops_steps_before_resume_step(tmp_path):
     first = run_logger_process(tmp_path, [[{"train/loss": 1.0 / (s + 1)}, s] for s in range(5)])
     # Checkpoint at step 3: the resumed process logs from step 3 on; a stale step 2 is dropped (one warning).

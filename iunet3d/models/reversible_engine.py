@@ -3,7 +3,7 @@
 Forward runs every invertible layer without recording a graph, so no layer keeps its input. Backward
 walks the layers in reverse: each one is handed its output (reconstructed by the layer after it, or
 kept by this engine when the output left the network) and calls its ``reverse``, which evaluates the
-layer's function once with grad enabled and uses that single evaluation twice — to reconstruct the
+layer's function once with grad enabled and uses that single evaluation twice: to reconstruct the
 layer's input and, through autograd, to backpropagate. For an additive coupling ``y = (a, b + F(a))``::
 
     a = y1;  f = F(a);  b = y2 - f        # input reconstructed from the one evaluation of F
