@@ -244,7 +244,7 @@ def measure_depth(args: argparse.Namespace, depth: int) -> list[CaseResult]:
 
 def cpu_convolution_regime(channels: int, levels: int, size: int) -> str:
     """Which CPU path PyTorch takes for the coupling convolutions per level (batch 1): oneDNN when
-    N*C*D*H > 20480, else its slower im2col path (hazards.md); the same for both modes."""
+    N*C*D*H > 20480, else its slower im2col path; the same for every mode."""
     from iunet3d.models.layout import plan_channels
 
     plan = plan_channels(channels, [(2, 2, 2)] * (levels - 1), "double")
