@@ -62,6 +62,31 @@ class FusedPass(ReversibleTape):
         return self(_InverseOf(layer), *outputs)
 
 
+class _OwnedOutputs:
+    """A layer as memcnn sees it: outputs that are never views (memcnn detaches them in place, which views
+    refuse), and the layer's parameters."""
+
+    def __init__(self, layer: nn.Module):
+        self.layer = layer
+
+    def parameters(self):
+        return self.layer.parameters()
+
+    @staticmethod
+    def _owned(result):
+        if isinstance(result, tuple):
+            return tuple(t.clone() if t._base is not None else t for t in result)
+        return result.clone() if result._base is not None else result
+
+    def forward(self, *inputs: torch.Tensor):
+        return self._owned(self.layer(*inputs))
+
+    __call__ = forward
+
+    def inverse(self, *outputs: torch.Tensor):
+        return self._owned(self.layer.inverse(*outputs))
+
+
 class MemcnnPass:
     """memcnn's ``InvertibleModuleWrapper`` around each layer; the wrappers are cached in ``wrappers``
     (not registered as modules, so the state dict is the same for every engine). The layers in
@@ -75,8 +100,9 @@ class MemcnnPass:
 
     def _wrapper(self, layer: nn.Module) -> nn.Module:
         wrapper = self._wrappers.get(id(layer))
-        if wrapper is None or wrapper._fn is not layer:
-            wrapper = self._wrap(layer, keep_input=layer is self._first, keep_input_inverse=layer is self._last)
+        if wrapper is None or wrapper._fn.layer is not layer:
+            keep = {"keep_input": layer is self._first, "keep_input_inverse": layer is self._last}
+            wrapper = self._wrap(_OwnedOutputs(layer), **keep)
             self._wrappers[id(layer)] = wrapper
         return wrapper
 

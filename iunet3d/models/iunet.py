@@ -37,7 +37,9 @@ class iUNet(nn.Module):
     reversible backprop, so training memory does not grow with depth: ``reversible_engine="fused"`` (the
     default) recomputes each block once in backward and reconstructs its input from that evaluation;
     ``"memcnn"`` uses memcnn's wrapper (the reference); ``disable_custom_gradient=True`` is plain
-    autograd, which stores activations.
+    autograd, which stores activations. When the blocks compute in reduced precision (autocast, 16-bit
+    inputs, TF32) the tensors between them are float64 (``iunet3d.models.precision``), so that
+    backward reconstructs them exactly; outputs come back in the input's dtype.
 
     Spatial sizes that are not multiples of ``downsampling_factors`` are padded (``padding_mode``,
     ``padding_value``) and, with ``revert_input_padding``, cropped back.
@@ -194,15 +196,18 @@ class iUNet(nn.Module):
         """
         padded, amounts = self._pad(x)
         run = self._new_pass()
-        return self._guard_outputs(x, amounts, run.outputs(self._encode(padded, run)))
+        codes = [code.to(x.dtype) for code in run.outputs(self._encode(carried(padded), run))]
+        return self._guard_outputs(x, amounts, codes)
 
     def decode(self, *codes: torch.Tensor) -> torch.Tensor:
         """The codes of ``encode`` -> (B, C_0, *S_padded). The caller's codes are left intact."""
         codes = self._unpack(codes)
+        dtype = codes[0].dtype if codes else None
         run = self._new_pass()
-        if isinstance(run, MemcnnPass):
-            codes = [code.clone() for code in codes]  # memcnn releases its blocks' inputs
-        return run.outputs([self._decode(codes, run)])[0]
+        carried_codes = [carried(code) for code in codes]
+        if isinstance(run, MemcnnPass):  # memcnn releases its blocks' inputs
+            carried_codes = [c.clone() if c is code else c for c, code in zip(carried_codes, codes, strict=True)]
+        return run.outputs([self._decode(carried_codes, run)])[0].to(dtype)
 
     def _guard_outputs(
         self, x: torch.Tensor, padding: list[tuple[int, int]], outputs: list[torch.Tensor]
@@ -265,7 +270,7 @@ class iUNet(nn.Module):
         """
         padded, amounts = self._pad(y)
         run = self._new_pass()
-        x = run.outputs([self._inverse_encode(self._inverse_decode(padded, run), run)])[0]
+        x = run.outputs([self._inverse_encode(self._inverse_decode(carried(padded), run), run)])[0].to(y.dtype)
         return crop_padding(x, amounts) if self.revert_input_padding else x
 
     def _inverse_decode(self, y: torch.Tensor, run) -> list[torch.Tensor]:

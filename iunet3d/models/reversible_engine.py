@@ -14,9 +14,10 @@ the input and of the layer's parameters are returned to autograd like those of a
 DDP's hooks, ``torch.autograd.grad`` and leaf inputs see ordinary gradients. Nothing of the caller's is
 freed or changed.
 
-Under ``torch.autocast`` the recomputation runs under the same autocast state as forward (and with the
-same random-number state), so the function is re-evaluated on identical inputs and ``y2 - f`` cancels
-what forward added: the carried tensors stay float32 and are reconstructed to float32 accuracy.
+The recomputation runs under the autocast state and the random-number state of forward, so the function
+is re-evaluated on the same inputs and ``y2 - f`` cancels what forward added. Under autocast that needs
+the carried tensors in float64 (``iunet3d.models.precision``): the reconstruction then rounds the
+function's input to exactly the values forward used.
 """
 
 from __future__ import annotations
