@@ -371,6 +371,19 @@ def test_under_autocast_a_float32_carrier_would_lose_the_reconstruction():
     assert relative_error(back, x) > 1e-5
 
 
+def test_float64_is_carried_only_when_backward_will_reconstruct():
+    fused, _ = _bf16_pair(3)
+    seen = []
+    fused.encoder_levels[0][0].register_forward_pre_hook(lambda module, args: seen.append(args[0].dtype))
+    x = torch.randn(1, 8, 8, 16, 16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        fused(x).sum().backward()
+        with torch.no_grad():
+            assert fused(x).dtype == torch.float32
+    fused(x)  # float32 without autocast: the functions round nothing
+    assert seen == [torch.float64, torch.float32, torch.float32]
+
+
 def test_under_autocast_encode_decode_and_inverse_return_the_input_dtype():
     """The carried float64 stays inside: codes, outputs and inverses come back as float32. (Rounding them
     to float32 between two calls costs exactness only at bf16 level.)"""

@@ -310,7 +310,7 @@ class iUNet(nn.Module):
         try:
             padded, _ = self._pad(x, warn=False)
             run = PlainPass()
-            padded = carried(padded)
+            padded = carried(padded, for_backward=True)  # as training carries them
             codes = self._encode(padded, run)
             recovered = self._inverse_decode(self._decode(codes, run), run)
             levels = tuple(relative_error(back, code) for back, code in zip(recovered, codes, strict=True))

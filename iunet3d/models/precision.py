@@ -6,10 +6,11 @@ TF32 convolutions on CUDA), its input is rounded first, and a reconstruction tha
 forward value in the last bit of float32 crosses a rounding boundary for about 2.5e-5 of the elements
 of every block. Each such flip changes F's output well beyond float32 rounding (through normalisation,
 everywhere), and the error compounds from block to block: measured on a 30-coupling iUNet under CPU
-bf16 autocast with float32 carried tensors, ``inverse(forward(x))`` was off by 8e-3 and parameter
-gradients by up to 11%.
+bf16 autocast with float32 carried tensors, ``inverse(forward(x))`` was off by 7.9e-3 (and parameter
+gradients by up to 11% in a prototype that carried float32).
 
-So, when F computes in reduced precision, the tensors carried from block to block are float64: the
+So, when F computes in reduced precision and gradients are computed, the tensors carried from block to
+block are float64 (inference, which reconstructs nothing, keeps the input's dtype): the
 additive updates (a 16-bit F output added to a float64 value) are then exact, orthogonal resampling and
 mixing round only at 1e-16, and F receives its input through ``function_input``, which scales it by
 ``1 + DITHER`` before rounding. Values that are sums of few-bit numbers (the float32 input plus bf16
@@ -45,10 +46,15 @@ def reduced_precision(x: torch.Tensor) -> bool:
     return x.device.type == "cuda" and x.dtype == torch.float32 and torch.backends.cudnn.allow_tf32
 
 
-def carried(x: torch.Tensor) -> torch.Tensor:
+def carried(x: torch.Tensor, for_backward: bool | None = None) -> torch.Tensor:
     """``x`` in the dtype the iUNet carries between its blocks: float64 when its functions compute in
-    reduced precision, else unchanged."""
-    return x.to(torch.float64) if reduced_precision(x) and x.dtype != torch.float64 else x
+    reduced precision and backward will reconstruct the activations (``for_backward``, by default whether
+    grad mode is on), else unchanged: inference reconstructs nothing and keeps the input's dtype."""
+    if for_backward is None:
+        for_backward = torch.is_grad_enabled()
+    if for_backward and reduced_precision(x) and x.dtype != torch.float64:
+        return x.to(torch.float64)
+    return x
 
 
 def function_input(half: torch.Tensor, parameter_dtype: torch.dtype | None) -> torch.Tensor:
