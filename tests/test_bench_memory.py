@@ -28,11 +28,23 @@ def test_format_table_reports_ratios_of_measured_values():
         CaseResult(10, "fused", [4, 3, 3], 84.0, 5.2, 2e-7),
     ]
     table = format_table(results, "header")
+    assert "CPU time" not in table  # none measured (as on CUDA)
     assert ("| 5 | [2, 2, 1] | 400 | 100 | 80 | 2.00 | 3.20 | 2.60 | 25.0% | 20.0% | 80.0% | 1.60x | 1.30x | 0.81x "
             "| 1.0e-07 |") in table  # fmt: skip
     assert "| 10 | [4, 3, 3] | 800 | 105 | 84 | 4.00 | 6.40 | 5.20 | 13.1% | 10.5% | 80.0% | 1.60x | 1.30x |" in table
     assert "fused peak growth: 0.80 MB per added coupling layer" in table
     assert "memcnn peak growth: 1.00 MB per added coupling layer" in table
+
+
+def test_cpu_seconds_get_their_own_ratios():
+    results = [
+        CaseResult(5, "conventional", [2, 2, 1], 400.0, 2.0, None, cpu_s=3.0),
+        CaseResult(5, "memcnn", [2, 2, 1], 100.0, 3.2, None, cpu_s=6.0),
+        CaseResult(5, "fused", [2, 2, 1], 80.0, 2.6, 1e-7, cpu_s=4.5),
+    ]
+    table = format_table(results, "header")
+    assert "| memcnn/conventional CPU time | fused/conventional CPU time | fused/memcnn CPU time |" in table
+    assert "| 1.60x | 1.30x | 0.81x | 2.00x | 1.50x | 0.75x | 1.0e-07 |" in table
 
 
 def test_a_failed_mode_is_reported_not_hidden():
@@ -58,7 +70,7 @@ def test_bench_memory_runs_every_engine_and_reversible_memory_does_not_grow_with
     assert "1x8x32^3" in report["header"] and "cpu" in report["header"] and "fp32" in report["header"]
     cases = {(c["depth"], c["mode"]): c for c in report["cases"]}
     assert set(cases) == {(d, m) for d in (3, 9) for m in ("conventional", "memcnn", "fused")}
-    assert all(c["peak_mb"] > 0 and c["step_s"] > 0 and c["error"] is None for c in cases.values())
+    assert all(c["peak_mb"] > 0 and c["step_s"] > 0 and c["cpu_s"] > 0 and c["error"] is None for c in cases.values())
     conventional_growth = cases[9, "conventional"]["peak_mb"] - cases[3, "conventional"]["peak_mb"]
     assert conventional_growth > 5  # each coupling stores activations of about 2 MB here
     for engine in ("memcnn", "fused"):

@@ -38,6 +38,7 @@ class CaseResult:
     step_s: float | None
     reconstruction_error: float | None
     error: str | None = None
+    cpu_s: float | None = None  #: CPU seconds of the step's process (all threads); None on CUDA
 
 
 def spread_depth(depth: int, levels: int) -> list[int]:
@@ -143,7 +144,9 @@ def serve_step_times(args: argparse.Namespace, depth: int, mode: str) -> None:
     for line in sys.stdin:
         command = line.strip()
         if command == "step":
-            print(_training_step(model, x, args.precision), flush=True)
+            cpu_start = time.process_time()
+            wall = _training_step(model, x, args.precision)
+            print(wall, time.process_time() - cpu_start, flush=True)
         elif command == "error":
             with _autocast(args.device, args.precision):
                 print(model.reconstruction_error(x).total, flush=True)
@@ -161,10 +164,12 @@ class WorkerFailedError(RuntimeError):
 def measure_step_times(args: argparse.Namespace, depth: int, modes: list[str]) -> dict:
     """Median step time per mode. Each mode runs in its own process (its own allocator state, as in
     training); the parent asks them for one step in turn, so load on a shared machine hits all alike.
-    Returns ``{"step_s": {mode: s}, "reconstruction_error": e or None, "failed": {mode: reason}}``."""
+    Returns ``{"step_s": {mode: s}, "cpu_s": {mode: s}, "reconstruction_error": e or None,
+    "failed": {mode: reason}}``."""
     workers = {mode: _start_worker(args, depth, "time", mode, stdin=subprocess.PIPE) for mode in modes}
     failed: dict[str, str] = {}
     times: dict[str, list[float]] = {mode: [] for mode in modes}
+    cpu_times: dict[str, list[float]] = {mode: [] for mode in modes}
 
     def ask(mode: str, command: str | None) -> str | None:
         if mode in failed:
@@ -186,7 +191,9 @@ def measure_step_times(args: argparse.Namespace, depth: int, modes: list[str]) -
             for mode in modes:
                 answer = ask(mode, "step")
                 if answer is not None:
-                    times[mode].append(float(answer))
+                    wall, cpu = answer.split()
+                    times[mode].append(float(wall))
+                    cpu_times[mode].append(float(cpu))
         error = ask("fused", "error") if "fused" in modes else None
     finally:
         for worker in workers.values():
@@ -195,6 +202,7 @@ def measure_step_times(args: argparse.Namespace, depth: int, modes: list[str]) -
             worker.wait()
     return {
         "step_s": {mode: statistics.median(times[mode]) for mode in modes if times[mode] and mode not in failed},
+        "cpu_s": {mode: statistics.median(cpu_times[mode]) for mode in modes if times[mode] and mode not in failed},
         "reconstruction_error": None if error is None else float(error),
         "failed": failed,
     }
@@ -237,7 +245,7 @@ def measure_depth(args: argparse.Namespace, depth: int) -> list[CaseResult]:
     return [
         CaseResult(depth, mode, architecture, None if mode in failed else round(peaks[mode], 2),
                    timing["step_s"].get(mode), timing["reconstruction_error"] if mode == "fused" else None,
-                   failed.get(mode))
+                   failed.get(mode), None if args.device.startswith("cuda") else timing["cpu_s"].get(mode))
         for mode in args.modes
     ]  # fmt: skip
 
@@ -267,13 +275,16 @@ def _value(value: float | None, spec: str) -> str:
 
 
 def format_table(results: list[CaseResult], header: str) -> str:
-    """A Markdown table: one row per depth, the modes side by side, ratios to conventional and memcnn."""
+    """A Markdown table: one row per depth, the modes side by side, ratios to conventional and memcnn (of peak
+    memory, step wall time and, on CPU, the CPU seconds of the step)."""
     by_key = {(r.depth, r.mode): r for r in results}
     depths = sorted({r.depth for r in results})
     modes = [mode for mode in MODES if any(r.mode == mode for r in results)]
+    measures = [("memory", "peak_mb", "%"), ("time", "step_s", "x")]
+    if any(r.cpu_s is not None for r in results):  # CPU seconds: less sensitive to other load on the machine
+        measures.append(("CPU time", "cpu_s", "x"))
     columns = (["depth", "architecture"] + [f"{mode} MB" for mode in modes] + [f"{mode} s/step" for mode in modes]
-               + [f"{a}/{b} {what}" for what in ("memory", "time") for a, b in _COMPARISONS
-                  if a in modes and b in modes]
+               + [f"{a}/{b} {what}" for what, _, _ in measures for a, b in _COMPARISONS if a in modes and b in modes]
                + ["fused reconstruction error"] * ("fused" in modes))  # fmt: skip
     lines = [header, "", "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     for depth in depths:
@@ -281,7 +292,7 @@ def format_table(results: list[CaseResult], header: str) -> str:
         cells = [str(depth), str(next(iter(rows.values())).architecture)]
         cells += [_value(rows[mode].peak_mb, ".0f") for mode in modes]
         cells += [_value(rows[mode].step_s, ".2f") for mode in modes]
-        for what, unit in (("peak_mb", "%"), ("step_s", "x")):
+        for _, what, unit in measures:
             cells += [_ratio(getattr(rows[a], what), getattr(rows[b], what), unit)
                       for a, b in _COMPARISONS if a in modes and b in modes]  # fmt: skip
         if "fused" in modes:
@@ -323,7 +334,8 @@ def run(args: argparse.Namespace) -> int:
         f"iUNet memory benchmark: device={args.device} ({device_name}), {args.precision} "
         f"({'bf16 autocast' if args.precision == 'bf16' else 'float32'}), input 1x{args.channels}x"
         f"{args.size}^3, {args.levels} levels, stride 2, one forward+backward per step "
-        f"(time: median of {args.steps}), torch {torch.__version__}, {torch.get_num_threads()} threads; "
+        f"(time: median of {args.steps}; on CPU also the process CPU seconds of the step), "
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads; "
         + ("peak = torch.cuda.max_memory_allocated above baseline" if cuda
            else "peak = RSS high-water mark above the built-model baseline, MALLOC_MMAP_THRESHOLD_=65536; "
                 "step times from one process per mode with the default allocator, stepped in turn")
