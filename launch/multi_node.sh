@@ -13,7 +13,7 @@ shift
 if [ -z "${NPROC_PER_NODE:-}" ]; then
   NPROC_PER_NODE=$(python -c "import torch; print(torch.cuda.device_count() or 1)")
 fi
-export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1  # a fresh store per restart (hazards.md)
+export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1  # a fresh TCP store per restart: torch 2.13 reuses the old one by default and on gloo every restart then fails
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 exec torchrun --nnodes="$NNODES" --nproc-per-node="$NPROC_PER_NODE" \
   --rdzv-backend=c10d --rdzv-endpoint="$RDZV_ENDPOINT" --rdzv-id="$RDZV_ID" \

@@ -9,7 +9,7 @@ shift
 if [ -z "${NPROC:-}" ]; then
   NPROC=$(python -c "import torch; print(torch.cuda.device_count() or 1)")
 fi
-# Each restart gets a fresh TCP store; without it torch 2.13 on gloo fails every restart (hazards.md).
+# Each restart gets a fresh TCP store; without it torch 2.13 on gloo fails every restart.
 export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 exec torchrun --standalone --nproc-per-node="$NPROC" --max-restarts="${MAX_RESTARTS:-3}" \

@@ -47,19 +47,72 @@ def test_torchio_is_imported_only_by_the_transforms_module_and_the_baseline_benc
         for path in PACKAGE.rglob("*.py")
         if any(name.split(".")[0] == "torchio" for name in imported_modules(path))
     }
-    assert importers <= {"data/transforms.py", "bench/data.py"}
-    assert "data/transforms.py" in importers
+    assert importers <= {"patches/transforms.py", "bench/data.py"}
+    assert "patches/transforms.py" in importers
 
 
 def test_data_tools_import_neither_torch_nor_the_model():
-    """Conversion workers stay light: the store, conversion, synthetic CT and the CLI parser need no torch."""
+    """The store is torch-free: every module of iunet3d/data, the synthetic CT, conversion and the CLI
+    parser import no torch (conversion workers stay light)."""
+    modules = sorted(f"iunet3d.data.{path.stem}" for path in (PACKAGE / "data").glob("*.py") if path.stem != "__init__")
     code = (
-        "import sys, iunet3d, iunet3d.data, iunet3d.data.synth, iunet3d.data.image_files, iunet3d.cli\n"
+        f"import sys, importlib, iunet3d, iunet3d.data, iunet3d.cli\nfor m in {modules!r}: importlib.import_module(m)\n"
         "iunet3d.cli.build_parser()\n"
         "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'memcnn', 'torchio', 'wandb')))\n"
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert len(modules) >= 13
     assert result.stdout.strip() == "[]"
+
+
+#: The layers of the package, lowest first: a folder imports only from folders of a lower layer (and from
+#: itself). The top-level modules iunet3d/__init__.py and layers.py re-export the model.
+LAYERS = [{"models", "data", "distributed"}, {"patches", "infer"}, {"train"}, {"bench"}, {"cli"}, {"__main__"}]
+
+
+def _folder(module: str) -> str | None:
+    parts = module.split(".")
+    return parts[1] if parts[0] == "iunet3d" and len(parts) > 1 else None
+
+
+def package_import_graph() -> dict[str, set[str]]:
+    """Which folder (or top-level module) of the package imports which, from every import statement."""
+    graph: dict[str, set[str]] = {}
+    for path in PACKAGE.rglob("*.py"):
+        relative = path.relative_to(PACKAGE)
+        source = relative.parts[0] if len(relative.parts) > 1 else relative.stem
+        targets = {_folder(name) for name in imported_modules(path)} - {None, source}
+        graph.setdefault(source, set()).update(targets)
+    return graph
+
+
+def test_import_graph_follows_the_layer_order():
+    """models, data, distributed -> patches, infer -> train -> bench -> cli: no import runs back up or sideways."""
+    layer = {folder: rank for rank, folders in enumerate(LAYERS) for folder in folders}
+    layer.update({"__init__": 0, "layers": 0})
+    graph = package_import_graph()
+    assert set(graph) <= set(layer), f"folders without a layer: {set(graph) - set(layer)}"
+    upward = [(source, target) for source, targets in graph.items() for target in targets
+              if target not in {"__init__", "layers"} and layer[target] >= layer[source]
+              and not (source in {"__init__", "layers"} and target == "models")]  # fmt: skip
+    assert upward == [], f"imports that run up or sideways across the layers: {upward}"
+    assert graph["data"] == set() and graph["models"] == set() and graph["distributed"] == set()
+    assert graph["patches"] == {"data"}
+
+
+def test_patch_pipeline_names_still_import_from_data_with_a_deprecation_warning():
+    import warnings
+
+    import iunet3d.data
+    import iunet3d.patches
+
+    for name in ("PatchStream", "PatchLoader", "ValidationPatches", "validation_loader", "split_cases"):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            moved = getattr(iunet3d.data, name)
+        assert moved is getattr(iunet3d.patches, name)
+        assert [w.category for w in caught] == [DeprecationWarning], name
+        assert f"iunet3d.patches.{name}" in str(caught[0].message)
 
 
 def test_python_dash_m_runs_the_cli():

@@ -171,7 +171,7 @@ def prepare_data(args: argparse.Namespace, directory: Path, progress: bool) -> d
 
 
 def _augmentation():
-    from iunet3d.data.augmentation import AugmentationConfig
+    from iunet3d.patches.augmentation import AugmentationConfig
 
     return AugmentationConfig()
 
@@ -184,8 +184,8 @@ def _normalization():
 
 def build_ours(args: argparse.Namespace, directory: Path) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Batches (image, label) of PatchStream + PatchLoader over the Zarr dataset."""
-    from iunet3d.data.patch_loader import PatchLoader
-    from iunet3d.data.patch_stream import PatchStream
+    from iunet3d.patches.patch_loader import PatchLoader
+    from iunet3d.patches.patch_stream import PatchStream
 
     stream = PatchStream(directory / DATASET_DIR, patch_size=tuple(args.patch), seed=args.seed,
                          transform=_augmentation(), normalization=_normalization(), num_patches=args.patches,
@@ -207,7 +207,7 @@ def build_torchio(args: argparse.Namespace, directory: Path) -> Iterator[tuple[t
     import torchio as tio
     from torch.utils.data import DataLoader
 
-    from iunet3d.data.transforms import build_transform, normalization_transform
+    from iunet3d.patches.transforms import build_transform, normalization_transform
 
     subjects = []
     for i in range(args.cases):
@@ -255,13 +255,13 @@ def run_side(args: argparse.Namespace) -> dict:
     import torch
 
     if args.side == "ours":  # imports before the clock, each side only what it needs
-        import iunet3d.data.patch_loader  # noqa: F401
-        import iunet3d.data.patch_stream  # noqa: F401
+        import iunet3d.patches.patch_loader  # noqa: F401
+        import iunet3d.patches.patch_stream  # noqa: F401
     else:
         import torch.utils.data  # noqa: F401
         import torchio  # noqa: F401
 
-        import iunet3d.data.transforms  # noqa: F401
+        import iunet3d.patches.transforms  # noqa: F401
 
     torch.manual_seed(args.seed)
     directory = Path(args.dir)

@@ -1,17 +1,10 @@
-"""Write one CT case into a dataset, atomically.
-
-A case is assembled under ``<dataset>/.partial/<case>`` and renamed to ``<dataset>/<case>`` only when
-every array and attribute is written, with ``iunet3d.complete = true`` set last. A killed conversion
-therefore leaves at most a ``.partial`` directory, which the next run removes; a case directory that
-exists is complete.
+"""Write one CT case into a dataset, staged (``staging.staged_case``): a killed conversion leaves at
+most a ``.partial`` directory, which the next run removes; a case directory that exists is complete.
 """
 
 from __future__ import annotations
 
-import contextlib
-import os
 import re
-import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,14 +20,14 @@ from iunet3d.data.class_locations import (
 )
 from iunet3d.data.errors import DataError
 from iunet3d.data.orientation import Geometry, zyx
+from iunet3d.data.staging import staged_case
 from iunet3d.data.storage import StorageOptions, create_volume_array
 
 FORMAT_VERSION = 1
 DEFAULT_LABEL_NAME = "segmentation"
-PARTIAL_DIR = ".partial"
 INTENSITY_SAMPLES_PER_CASE = 10_000
 BODY_THRESHOLD_HU = -500  # foreground for intensity statistics of unlabelled cases
-IMAGE_FILL_HU = -1024
+IMAGE_FILL_HU = -1024  #: air: the fill of stored images, and of reads and windows beyond a volume
 _CASE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 
@@ -54,18 +47,6 @@ def check_case_name(name: str) -> str:
             f"case name {name!r}: expected letters, digits, '.', '_' or '-', starting with a letter or digit"
         )
     return name
-
-
-def is_complete_case(path: Path) -> bool:
-    """True when ``path`` holds a case whose writing finished."""
-    metadata = path / "zarr.json"
-    if not metadata.is_file() or not (path / "0" / "zarr.json").is_file():
-        return False
-    try:
-        attributes = zarr.open_group(path, mode="r").attrs.asdict()
-    except Exception:  # unreadable metadata: not complete
-        return False
-    return bool(attributes.get("iunet3d", {}).get("complete"))
 
 
 def _check_volume(name: str, volume: CaseVolume, class_names: Sequence[str] | None) -> None:
@@ -120,11 +101,23 @@ def write_case(
     """Write ``volume`` as case ``name`` of ``dataset``; returns the case summary for the root attributes."""
     check_case_name(name)
     _check_volume(name, volume, class_names)
-    final = dataset / name
-    partial = dataset / PARTIAL_DIR / name
-    if partial.exists():
-        shutil.rmtree(partial)
-    partial.parent.mkdir(parents=True, exist_ok=True)
+    with staged_case(dataset, name) as partial:
+        _write_staged(partial, name, volume, class_names, options, label_name, seed)
+    return _summary(name, volume, label_name)
+
+
+def _summary(name: str, volume: CaseVolume, label_name: str) -> dict:
+    """The case's entry in the dataset root."""
+    return {
+        "name": name,
+        "shape": list(volume.image.shape),
+        "spacing": zyx(volume.geometry.spacing),
+        "labels": [label_name] if volume.label is not None else [],
+        "max_label": int(volume.label.max(initial=0)) if volume.label is not None else None,
+    }
+
+
+def _write_staged(partial: Path, name: str, volume: CaseVolume, class_names, options, label_name, seed) -> None:
     spacing, origin = zyx(volume.geometry.spacing), zyx(volume.geometry.origin)
     case = zarr.open_group(partial, mode="w", zarr_format=3, attributes=ome.image_attributes(name, spacing, origin))
     create_volume_array(case, ome.LEVEL_PATH, volume.image, spacing, options, fill_value=IMAGE_FILL_HU)
@@ -137,36 +130,18 @@ def write_case(
         create_volume_array(label_group, ome.LEVEL_PATH, volume.label, spacing, options, fill_value=0)
     rng = np.random.default_rng([seed, *name.encode()])
     index_info = _write_index(case, volume, label_name, rng)
-    summary = {
-        "name": name,
-        "shape": list(volume.image.shape),
-        "spacing": spacing,
-        "labels": [label_name] if volume.label is not None else [],
-        "max_label": int(volume.label.max(initial=0)) if volume.label is not None else None,
-    }
     attributes = {
         "format_version": FORMAT_VERSION,
-        **summary,
+        **_summary(name, volume, label_name),
         "origin": origin,
         "geometry": volume.geometry.to_dict(),
         "source": volume.source,
         "storage": options.to_dict(),
         "index": index_info,
-        "complete": True,
     }
-    case.update_attributes({"iunet3d": attributes})
-    if final.exists():  # an incomplete leftover (complete cases are skipped before conversion)
-        shutil.rmtree(final)
-    os.replace(partial, final)
-    _remove_if_empty(partial.parent)
-    return summary
+    case.update_attributes({"iunet3d": attributes})  # "complete" is set by staged_case, last
 
 
 def default_class_names(max_label: int) -> list[str]:
     """Names for label values 0..max_label when none were given."""
     return ["background", *(f"class_{v}" for v in range(1, max_label + 1))]
-
-
-def _remove_if_empty(directory: Path) -> None:
-    with contextlib.suppress(OSError):  # still in use by another worker
-        directory.rmdir()

@@ -18,11 +18,12 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from iunet3d.data.case_writer import CaseVolume, check_case_name, is_complete_case, write_case
-from iunet3d.data.dataset_root import create_dataset_directory, dataset_lock, prepare_dataset, refresh_dataset
+from iunet3d.data.case_writer import CaseVolume, check_case_name, write_case
+from iunet3d.data.dataset_root import DatasetWriting, writing_dataset
 from iunet3d.data.errors import DataError
 from iunet3d.data.image_files import split_suffix
 from iunet3d.data.orientation import Geometry
+from iunet3d.data.staging import is_complete_case
 from iunet3d.data.storage import StorageOptions
 
 NNUNET_CHANNEL_SUFFIX = "_0000"
@@ -133,13 +134,12 @@ def run_conversion(
         raise DataError(f"--workers: expected a positive integer, got {workers}")
     report = ConversionReport()
     jobs = [job for job in jobs if _valid_name(job, report)]
-    create_dataset_directory(dataset)
-    with dataset_lock(dataset):
-        class_names = prepare_dataset(dataset, class_names)
+    with writing_dataset(dataset, class_names) as writing:
         complete = {job.case for job in jobs if is_complete_case(dataset / job.case)}
         report.skipped = [job.case for job in jobs if job.case in complete]
         todo = [job for job in jobs if job.case not in complete]
-        _convert_all(todo, dataset, class_names, options, workers, progress, report)
+        _convert_all(todo, writing, options, workers, progress, report)
+    report.dataset = writing.info
     return report
 
 
@@ -152,7 +152,8 @@ def _valid_name(job: CaseJob, report: ConversionReport) -> bool:
         return False
 
 
-def _convert_all(todo, dataset, class_names, options, workers, progress, report) -> None:
+def _convert_all(todo, writing: DatasetWriting, options, workers, progress, report) -> None:
+    dataset, class_names = writing.path, writing.class_names
     bar = tqdm(total=len(todo), unit="case", desc=f"writing {dataset.name}", disable=not progress or not todo)
     last_refresh = time.monotonic()
 
@@ -160,7 +161,7 @@ def _convert_all(todo, dataset, class_names, options, workers, progress, report)
         nonlocal last_refresh
         _record(report, case, outcome, bar)
         if time.monotonic() - last_refresh > REFRESH_EVERY_S:  # keep the case list current on long runs
-            refresh_dataset(dataset)
+            writing.refresh()
             last_refresh = time.monotonic()
 
     try:
@@ -175,7 +176,6 @@ def _convert_all(todo, dataset, class_names, options, workers, progress, report)
                     record(futures[future].case, future.result)
     finally:
         bar.close()
-        report.dataset = refresh_dataset(dataset)
 
 
 def _record(report: ConversionReport, case: str, outcome, bar) -> None:

@@ -10,25 +10,22 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import json
-import os
-import shutil
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
 import zarr
 
-from iunet3d.data.case_writer import PARTIAL_DIR, default_class_names, is_complete_case
+from iunet3d.data.case_writer import default_class_names
 from iunet3d.data.dataset import DATASET_KIND, CTCase, read_json_metadata
 from iunet3d.data.errors import DataError
+from iunet3d.data.staging import is_complete_case, remove_partial_cases, write_text_atomically
 from iunet3d.data.statistics import intensity_statistics, spacing_statistics
 
 
 def _write_root(path: Path, info: dict) -> None:
     metadata = {"zarr_format": 3, "node_type": "group", "attributes": {"iunet3d": info}}
-    temporary = path / f".zarr.json.{os.getpid()}.tmp"
-    temporary.write_text(json.dumps(metadata, indent=2))
-    os.replace(temporary, path / "zarr.json")
+    write_text_atomically(path / "zarr.json", json.dumps(metadata, indent=2))
 
 
 def _read_root(path: Path) -> dict | None:
@@ -97,7 +94,7 @@ def prepare_dataset(path: Path, class_names: Sequence[str] | None) -> list[str] 
         info["class_names"], info["class_names_given"] = class_names, True
     if not (path / "zarr.json").exists() or class_names is not None:
         _write_root(path, info)
-    shutil.rmtree(path / PARTIAL_DIR, ignore_errors=True)
+    remove_partial_cases(path)
     return class_names if class_names is not None else known
 
 
@@ -133,3 +130,32 @@ def refresh_dataset(path: Path) -> dict:
     )
     _write_root(path, info)
     return info
+
+
+class DatasetWriting:
+    """A dataset opened for writing by this process (``writing_dataset``)."""
+
+    def __init__(self, path: Path, class_names: list[str] | None):
+        self.path = path
+        self.class_names = class_names  #: to write cases with (None: they follow from the label values)
+        self.info: dict = {}  #: the root attributes as last rebuilt
+
+    def refresh(self) -> dict:
+        """Rebuild the root attributes from the complete cases now (e.g. during a long run)."""
+        self.info = refresh_dataset(self.path)
+        return self.info
+
+
+@contextlib.contextmanager
+def writing_dataset(path: Path, class_names: Sequence[str] | None = None) -> Iterator[DatasetWriting]:
+    """Create or open the dataset at ``path`` for writing: holds its lock (a second writer fails at
+    once), writes the root of a new dataset, removes leftovers of interrupted runs, and rebuilds the
+    root from the complete cases when the block ends -- also after an error, since the cases are the
+    source of truth. The one way conversion and prediction write a dataset."""
+    create_dataset_directory(path)
+    with dataset_lock(path):
+        writing = DatasetWriting(path, prepare_dataset(path, class_names))
+        try:
+            yield writing
+        finally:
+            writing.refresh()

@@ -23,6 +23,7 @@ from iunet3d.data.orientation import (
     reorient_geometry,
     to_canonical,
 )
+from iunet3d.data.staging import atomic_path
 
 IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
 SLAB = 32
@@ -230,7 +231,8 @@ def write_volume(array_zyx: np.ndarray, source: dict, dtype: str, path: Path) ->
     image.SetDirection(geometry.direction)
     try:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
-        sitk.WriteImage(image, str(path), useCompression=True)
+        with atomic_path(Path(path)) as temporary:
+            sitk.WriteImage(image, str(temporary), useCompression=True)
     except OSError as error:
         raise DataError(f"{path}: cannot write ({error.strerror})") from None
     except RuntimeError as error:

@@ -1,6 +1,6 @@
 """How CT volumes are laid out in Zarr: chunk shape, codec, and padded region reads.
 
-Defaults follow measurements on CT patches (hazards.md): blosc with lz4 and byte shuffle decodes int16
+Defaults follow measurements on CT patches (``iunet3d bench read``): blosc with lz4 and byte shuffle decodes int16
 CT 10x faster than zarr's default zstd at a similar ratio, and chunks of 32-64 voxels per axis keep
 the read amplification of a 64^3-128^3 patch low. Axes at least 1.5x coarser than the finest axis
 (z in anisotropic CT) get the smaller ``coarse_chunk`` so a chunk covers a similar physical extent.

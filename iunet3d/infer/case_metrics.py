@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
 from collections.abc import Sequence
@@ -11,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from iunet3d.data.staging import write_text_atomically
 from iunet3d.infer.accumulator import block_regions
 from iunet3d.infer.dice import confusion_counts, dice_scores
 
@@ -51,10 +53,11 @@ def case_metrics(case: str, prediction, reference, class_names: Sequence[str], s
 def write_metrics(rows: Sequence[dict], out: Path) -> tuple[Path, Path]:
     """``out/metrics.csv`` (one row per case and class) and ``out/metrics.json`` (rows plus per-class means)."""
     csv_path, json_path = out / "metrics.csv", out / "metrics.json"
-    with open(csv_path, "w", newline="") as file:
-        writer = csv.DictWriter(file, fieldnames=COLUMNS)
-        writer.writeheader()
-        writer.writerows(rows)
+    table = io.StringIO(newline="")
+    writer = csv.DictWriter(table, fieldnames=COLUMNS)
+    writer.writeheader()
+    writer.writerows(rows)
+    write_text_atomically(csv_path, table.getvalue())
     classes = list(dict.fromkeys(row["class"] for row in rows))
     means = {}
     for name in classes:
@@ -63,5 +66,5 @@ def write_metrics(rows: Sequence[dict], out: Path) -> tuple[Path, Path]:
     defined = [value for value in means.values() if value is not None]
     json_rows = [{key: None if isinstance(v, float) and math.isnan(v) else v for key, v in row.items()} for row in rows]
     summary = {"mean_dice": sum(defined) / len(defined) if defined else None, "dice": means, "rows": json_rows}
-    json_path.write_text(json.dumps(summary, indent=2) + "\n")  # NaN (a class in neither) is written as null
+    write_text_atomically(json_path, json.dumps(summary, indent=2) + "\n")  # NaN (class in neither) is null
     return csv_path, json_path

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
-import math
 import os
 import tempfile
 from pathlib import Path
@@ -41,19 +39,23 @@ def add_predict_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run_predict(args: argparse.Namespace) -> int:
     """Under torchrun, every rank runs this: the cases are shared out by voxel count."""
-    if not 0 <= args.overlap < 1:
-        raise ValueError(f"--overlap: expected 0 <= overlap < 1, got {args.overlap}")
+    from iunet3d.infer.windows import check_overlap
+
+    check_overlap(args.overlap, "--overlap")
     if args.batch_size < 1:
         raise ValueError(f"--batch-size: expected a positive integer, got {args.batch_size}")
     if args.max_memory is not None and args.max_memory <= 0:
         raise ValueError(f"--max-memory: expected a positive number of MB, got {args.max_memory}")
-    from iunet3d.train.distributed import setup_distributed, teardown_distributed
+    from iunet3d.distributed import setup_distributed, teardown_distributed
 
     distributed = setup_distributed(args.device, argument="--device")
     try:
         with tempfile.TemporaryDirectory(prefix="iunet3d-input-") as scratch:
             dataset, cases = resolve_input(args.input, args.case, Path(scratch) / f"rank{distributed.rank}")
-            return _predict(args, dataset, cases, distributed)
+            from iunet3d.infer.prediction_job import run_prediction_job
+
+            max_memory = default_max_memory() if args.max_memory is None else int(args.max_memory * 2**20)
+            return run_prediction_job(args, dataset, cases, distributed, max_memory)
     finally:
         teardown_distributed(distributed)
 
@@ -90,86 +92,3 @@ def resolve_input(path: Path, cases: list[str] | None, scratch: Path):
     if report.failed:
         raise ValueError(f"--input {path}: {next(iter(report.failed.values()))}")
     return CTDataset(scratch / "input"), [stem]
-
-
-def _predict(args: argparse.Namespace, dataset, cases: list[str], distributed) -> int:
-    import torch
-
-    from iunet3d.data import CTCase
-    from iunet3d.data.dataset_root import create_dataset_directory, dataset_lock, prepare_dataset, refresh_dataset
-    from iunet3d.data.storage import StorageOptions, chunk_shape
-    from iunet3d.infer.case_metrics import case_metrics, write_metrics
-    from iunet3d.infer.memory_plan import plan_memory
-    from iunet3d.infer.prediction_store import PREDICTION, write_prediction_case
-    from iunet3d.infer.sharding import shard_cases
-    from iunet3d.infer.trained_model import load_trained_model, predict_volume
-
-    device = distributed.device
-    model = load_trained_model(args.checkpoint, device=device)
-    labelled = [name for name in cases if dataset.case(name).has_label]
-    model.check_input(dataset.class_names if labelled else None, what=f"dataset {dataset.path}")
-    max_memory = default_max_memory() if args.max_memory is None else int(args.max_memory * 2**20)
-    autocast = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.precision) if device.type == "cuda" else None
-    out = args.out.resolve()
-    with contextlib.ExitStack() as held:
-        error = None
-        if distributed.is_main:  # rank 0 prepares the output and holds its lock for the whole job
-            try:
-                create_dataset_directory(out)
-                held.enter_context(dataset_lock(out))
-                prepare_dataset(out, model.class_names)
-            except ValueError as failure:
-                error = str(failure)
-        error = distributed.broadcast_object(error)
-        if error is not None:
-            raise ValueError(error)
-        shards = shard_cases({name: math.prod(dataset.case(name).shape) for name in cases}, distributed.world_size)
-        mine = shards[distributed.rank]
-        say = _Say(distributed)
-        rows = []
-        for index, name in enumerate(mine, start=1):
-            case = dataset.case(name)
-            plan = plan_memory(len(model.class_names), case.shape, model.patch_size, args.batch_size,
-                               chunk_shape(case.shape, case.spacing, StorageOptions()), args.probabilities,
-                               max_memory)  # fmt: skip
-            say(f"[{index}/{len(mine)}] {name} {case.shape}: {plan.describe(max_memory)}")
-
-            def fill(labels, probabilities, case=case):
-                predict_volume(model, case.image_array, overlap=args.overlap, mirror=args.mirror,
-                               batch_size=args.batch_size, max_memory=max_memory, scratch=out, device=device,
-                               autocast_dtype=autocast, progress=not args.no_progress, out=labels,
-                               probabilities=probabilities)  # fmt: skip
-
-            written = write_prediction_case(case, out, model.class_names, fill, probabilities=args.probabilities)
-            if case.has_label:
-                prediction = CTCase(written).label_array(PREDICTION)
-                rows += case_metrics(name, prediction, case.label_array(), model.class_names, case.spacing)
-            say(f"  -> {written / 'labels' / PREDICTION / '0'}")
-        gathered = distributed.gather_objects(rows)  # also waits for every rank's cases
-        if distributed.is_main:
-            refresh_dataset(out)
-    distributed.barrier()
-    if args.nifti is not None:
-        from iunet3d.data import export_case
-
-        args.nifti.mkdir(parents=True, exist_ok=True)
-        for name in mine:  # the source file's orientation, spacing, origin and direction
-            say(f"  -> {export_case(out, name, args.nifti / f'{name}.nii.gz', label=PREDICTION)}")
-    rows = sorted((row for part in gathered for row in part), key=lambda row: cases.index(row["case"]))
-    if rows and distributed.is_main:
-        csv_path, json_path = write_metrics(rows, out)
-        for row in rows:
-            print(f"  {row['case']:<16} {row['class']:<12} Dice {row['dice']:.3f}  "
-                  f"{row['predicted_ml']:.1f} ml predicted, {row['reference_ml']:.1f} ml reference")  # fmt: skip
-        print(f"metrics: {csv_path}, {json_path}")
-    return 0
-
-
-class _Say:
-    """Prints a line in one write (ranks share torchrun's output), prefixed with the rank under torchrun."""
-
-    def __init__(self, distributed):
-        self.prefix = f"[rank {distributed.rank}] " if distributed.active else ""
-
-    def __call__(self, text: str) -> None:
-        print(f"{self.prefix}{text}\n", end="", flush=True)

@@ -1,15 +1,12 @@
 """Predictions stored as OME-Zarr labels: ``<out>/<case>/labels/prediction/0`` in a copy of each case.
 
-The output is a dataset of the input's layout. Each case is copied (image, ground-truth labels and
-index) into ``<out>/.partial/<case>``, the prediction is written there, and only then is the case renamed
-into place: an interrupted prediction never leaves a case that looks complete.
+The output is a dataset of the input's layout. Each case is staged (``staging.staged_case``): copied
+(image, ground-truth labels and index) into ``<out>/.partial/<case>``, the prediction written there, and
+only then renamed into place, so an interrupted prediction never leaves a case that looks complete.
 """
 
 from __future__ import annotations
 
-import contextlib
-import os
-import shutil
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -17,8 +14,8 @@ import numpy as np
 import zarr
 
 from iunet3d.data import ome
-from iunet3d.data.case_writer import PARTIAL_DIR
 from iunet3d.data.dataset import CTCase
+from iunet3d.data.staging import staged_case
 from iunet3d.data.storage import StorageOptions, blosc_codec, chunk_shape, codec_pipeline
 
 PREDICTION = "prediction"
@@ -36,13 +33,17 @@ def write_prediction_case(
     """Copy case ``source`` into dataset ``out`` with a ``prediction`` label that ``fill`` writes into the
     given empty uint8 (D, H, W) array and, with ``probabilities``, the class probabilities into the
     given float16 (K, D, H, W) array (else None); returns the final case path."""
-    options = options or StorageOptions()
-    final, partial = out / source.name, out / PARTIAL_DIR / source.name
-    if partial.exists():
-        shutil.rmtree(partial)
-    partial.parent.mkdir(parents=True, exist_ok=True)
-    shutil.copytree(source.path, partial)
-    case = zarr.open_group(partial, mode="r+")
+    with staged_case(out, source.name, copy_of=source.path) as partial:
+        _write_prediction(zarr.open_group(partial, mode="r+"), source, class_names, fill, options, probabilities)
+    return out / source.name
+
+
+def prediction_chunks(source: CTCase, options: StorageOptions | None = None) -> tuple[int, ...]:
+    """The chunks of a case's prediction label (as of its image, for the case's shape and spacing)."""
+    return chunk_shape(source.shape, source.spacing, options or StorageOptions())
+
+
+def _write_prediction(case: zarr.Group, source: CTCase, class_names, fill, options, probabilities: bool) -> None:
     info = dict(case.attrs["iunet3d"])
     names = [name for name in info.get("labels", []) if name != PREDICTION] + [PREDICTION]
     labels = case.require_group("labels")
@@ -51,7 +52,7 @@ def write_prediction_case(
         del labels[PREDICTION]
     attributes = ome.label_image_attributes(PREDICTION, source.spacing, source.origin, list(class_names))
     group = labels.create_group(PREDICTION, attributes=attributes)
-    chunks = chunk_shape(source.shape, source.spacing, options)
+    chunks = prediction_chunks(source, options)
     with codec_pipeline():
         array = group.create_array(
             ome.LEVEL_PATH,
@@ -78,9 +79,3 @@ def write_prediction_case(
             )
         fill(array, probability_array)
     case.update_attributes({"iunet3d": {**info, "labels": names}})
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(partial, final)
-    with contextlib.suppress(OSError):  # other cases may still be in progress there
-        partial.parent.rmdir()
-    return final

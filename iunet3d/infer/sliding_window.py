@@ -10,9 +10,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from iunet3d.data.case_writer import IMAGE_FILL_HU
 from iunet3d.infer.windows import gaussian_importance, window_grid
-
-IMAGE_FILL_HU = -1024  #: what lies outside a volume smaller than the patch (air)
 
 
 class SlidingWindowPredictor:

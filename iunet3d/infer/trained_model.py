@@ -13,7 +13,7 @@ import torch
 
 from iunet3d.data.normalization import CTNormalization
 from iunet3d.infer.accumulator import MemoryAccumulator, ZarrAccumulator
-from iunet3d.infer.memory_plan import plan_memory
+from iunet3d.infer.memory_plan import MemoryPlan, plan_memory
 from iunet3d.infer.sliding_window import SlidingWindowPredictor, write_labels
 from iunet3d.models.segmentation import SegmentationIUNet
 
@@ -86,6 +86,7 @@ def predict_volume(
     out=None,
     probabilities=None,
     stream: bool | None = None,
+    plan: MemoryPlan | None = None,
 ):
     """Labels uint8 (D, H, W) of the HU volume ``image`` (D, H, W; numpy or Zarr), written into ``out``
     (e.g. a Zarr array, so not even the labels need to fit in memory) or a new numpy array, returned;
@@ -95,7 +96,8 @@ def predict_volume(
     no limit), else streamed through a chunked Zarr accumulator in a temporary directory under
     ``scratch``; the labels are the same either way (up to float rounding at exact ties). The limit
     covers the buffers of prediction, not the network's own activations (``plan_memory``); a limit too
-    small even for streaming fails naming its minimum. ``stream`` True or False forces either way.
+    small even for streaming fails naming its minimum. ``stream`` True or False forces either way. A
+    ``plan`` made by the caller (e.g. to print it) is used as it is.
     """
     shape = tuple(image.shape)
     num_classes = len(model.class_names)
@@ -106,9 +108,9 @@ def predict_volume(
     for name, array, expected in (("out", labels, shape), ("probabilities", probabilities, (num_classes, *shape))):
         if array is not None and tuple(array.shape) != expected:
             raise ValueError(f"{name}: shape {tuple(array.shape)}, expected {expected}")
-    output_chunk = getattr(labels, "chunks", None)
-    plan = plan_memory(num_classes, shape, model.patch_size, batch_size, output_chunk, probabilities is not None,
-                       max_memory, stream)  # fmt: skip
+    if plan is None:
+        plan = plan_memory(num_classes, shape, model.patch_size, batch_size, getattr(labels, "chunks", None),
+                           probabilities is not None, max_memory, stream)  # fmt: skip
     if not plan.streamed:
         accumulator = MemoryAccumulator(num_classes, shape, block=plan.block)
         write_labels(predictor.predict(image, accumulator, model.normalization), labels, probabilities)

@@ -9,12 +9,18 @@ from collections.abc import Sequence
 import numpy as np
 
 
+def check_overlap(overlap: float, name: str = "overlap") -> float:
+    """``overlap`` if it is a fraction of the window in [0, 1); else a ValueError naming ``name``."""
+    if not 0 <= overlap < 1:
+        raise ValueError(f"{name}: expected 0 <= overlap < 1, got {overlap}")
+    return overlap
+
+
 def window_starts(size: int, patch: int, overlap: float) -> list[int]:
     """Evenly spaced starts along one axis: the first at 0, the last at ``size - patch``, consecutive
     windows overlapping by at least ``overlap`` of the patch (a volume smaller than the patch: one window
     at 0, padded). nnU-Net places its windows the same way."""
-    if not 0 <= overlap < 1:
-        raise ValueError(f"overlap: expected 0 <= overlap < 1, got {overlap}")
+    check_overlap(overlap)
     if size <= patch:
         return [0]
     step = max(1, int(patch * (1 - overlap)))

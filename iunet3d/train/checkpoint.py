@@ -1,19 +1,20 @@
 """Step checkpoints in ``<run dir>/checkpoints/step-<N>.pt``: atomic, the newest k kept, resumable.
 
-A checkpoint is written to ``step-<N>.pt.tmp``, flushed to disk and renamed, so a ``step-<N>.pt`` that
-exists is complete; the ``latest`` pointer is replaced the same way after it. A crash mid-write leaves at
-most a ``.tmp`` file, which is never read and is removed by the next save.
+A checkpoint is written atomically (``staging.atomic_write``: a hidden temporary file, flushed to disk
+and renamed), so a ``step-<N>.pt`` that exists is complete; the ``latest`` pointer is replaced the same
+way after it. A crash mid-write leaves at most a ``.tmp-*`` file, never read and removed by the next save.
 """
 
 from __future__ import annotations
 
-import os
 import pickle
 import re
 import warnings
 from pathlib import Path
 
 import torch
+
+from iunet3d.data.staging import TEMPORARY_PREFIX, atomic_write
 
 CHECKPOINT_NAME = re.compile(r"^step-(\d+)\.pt$")
 
@@ -46,7 +47,7 @@ class CheckpointManager:
         atomic_write(self.directory / "latest", lambda file: file.write(f"{path.name}\n".encode()))
         for old in self.steps()[: -self.keep]:
             checkpoint_path(self.directory, old).unlink(missing_ok=True)
-        for leftover in self.directory.glob("*.tmp"):
+        for leftover in self.directory.glob(f"{TEMPORARY_PREFIX}*"):
             leftover.unlink(missing_ok=True)
         return path
 
@@ -71,22 +72,3 @@ def load_checkpoint(path: Path | str, map_location: str | torch.device = "cpu") 
     if not isinstance(state, dict) or "model" not in state or "step" not in state:
         raise ValueError(f"{path}: not an iunet3d checkpoint (no 'model' and 'step')")
     return state
-
-
-def atomic_write(path: Path, write) -> None:
-    """Write ``path`` through ``write(file)`` on ``path.tmp``, fsync, rename: readers see all of it or none."""
-    temporary = path.with_name(path.name + ".tmp")
-    try:
-        with open(temporary, "wb") as file:
-            write(file)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        temporary.unlink(missing_ok=True)
-        raise
-    directory = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(directory)  # the rename itself survives a power loss
-    finally:
-        os.close(directory)

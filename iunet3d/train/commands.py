@@ -26,7 +26,7 @@ def run_train(args: argparse.Namespace) -> int:
     from iunet3d.train.config import load_training_config
 
     config = load_training_config(args.config, args.overrides)  # fails before any process group exists
-    from iunet3d.train.distributed import setup_distributed, teardown_distributed
+    from iunet3d.distributed import setup_distributed, teardown_distributed
     from iunet3d.train.trainer import Trainer
 
     distributed = setup_distributed(config.train.device)

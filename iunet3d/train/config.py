@@ -10,7 +10,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from iunet3d.data.augmentation import AugmentationConfig
+from iunet3d.infer.windows import check_overlap
+from iunet3d.patches.augmentation import AugmentationConfig
 from iunet3d.train.toml_config import load_config
 from iunet3d.train.wandb_logger import WandbConfig
 
@@ -186,8 +187,7 @@ class ValidationConfig:
             raise ValueError(f"validation.every: expected an integer >= 0, got {self.every}")
         if self.mode not in VALIDATION_MODES:
             raise ValueError(f"validation.mode: expected one of {VALIDATION_MODES}, got {self.mode!r}")
-        if not 0 <= self.overlap < 1:
-            raise ValueError(f"validation.overlap: expected 0 <= overlap < 1, got {self.overlap}")
+        check_overlap(self.overlap, "validation.overlap")
         if self.max_memory_mb <= 0:
             raise ValueError(f"validation.max_memory_mb: expected a positive number, got {self.max_memory_mb}")
         _positive("validation", patches_per_case=self.patches_per_case, batch_size=self.batch_size)

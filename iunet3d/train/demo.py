@@ -66,7 +66,8 @@ def torchrun_command(nproc: int, config: Path, overrides: list[str]) -> list[str
 
 
 def torchrun_environment() -> dict[str, str]:
-    """One thread per process (2 cores, 2 ranks), and a fresh store per restart (hazards.md)."""
+    """One thread per process (2 cores, 2 ranks), and a fresh rendezvous store per restart (torch 2.13 reuses
+    the old TCP store by default, and on gloo every restart then fails)."""
     environment = dict(os.environ)
     environment.setdefault("OMP_NUM_THREADS", "1")
     environment["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] = "1"

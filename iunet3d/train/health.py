@@ -15,8 +15,8 @@ from contextlib import AbstractContextManager
 
 import torch
 
+from iunet3d.distributed import Distributed
 from iunet3d.models.segmentation import SegmentationIUNet
-from iunet3d.train.distributed import Distributed
 
 
 class InvertibilityMonitor:

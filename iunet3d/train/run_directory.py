@@ -13,7 +13,7 @@ import json
 import subprocess
 from pathlib import Path
 
-from iunet3d.train.checkpoint import atomic_write
+from iunet3d.data.staging import write_text_atomically
 from iunet3d.train.toml_config import to_toml
 from iunet3d.train.wandb_logger import generate_run_id
 
@@ -27,10 +27,6 @@ def git_revision() -> str | None:
     except (OSError, subprocess.SubprocessError):
         return None
     return revision or None
-
-
-def write_text_atomically(path: Path, text: str) -> None:
-    atomic_write(path, lambda file: file.write(text.encode()))
 
 
 def prepare_run_directory(run_dir: Path, config) -> dict:

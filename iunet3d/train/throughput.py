@@ -8,7 +8,7 @@ import time
 
 import torch
 
-from iunet3d.train.distributed import Distributed
+from iunet3d.distributed import Distributed
 
 
 class ThroughputMeter:

@@ -17,19 +17,21 @@ import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
-from iunet3d.data import CTNormalization, open_dataset, split_cases
+from iunet3d.data import CTNormalization, open_dataset
+from iunet3d.distributed import Distributed
 from iunet3d.models.segmentation import SegmentationIUNet
+from iunet3d.patches import split_cases
 from iunet3d.train.checkpoint import CheckpointManager, load_checkpoint
 from iunet3d.train.config import TrainingConfig
-from iunet3d.train.distributed import Distributed
 from iunet3d.train.health import InvertibilityMonitor
 from iunet3d.train.loss import DiceCELoss
+from iunet3d.train.patch_validation import PatchValidator
 from iunet3d.train.preemption import PreemptionFlag
 from iunet3d.train.run_directory import prepare_run_directory, write_summary
 from iunet3d.train.schedule import build_scheduler
 from iunet3d.train.throughput import ThroughputMeter
 from iunet3d.train.toml_config import to_dict
-from iunet3d.train.validation import PatchValidator, ValidationResult
+from iunet3d.train.validator import ValidationResult, Validator
 from iunet3d.train.volume_validation import VolumeValidator
 from iunet3d.train.wandb_logger import WandbLogger, create_logger, sync_command
 
@@ -106,7 +108,7 @@ class Trainer:
         self.last_image: torch.Tensor | None = None  # the last micro-batch, for the health check
 
     def _patch_loader(self, cases: list[str], pin_memory: bool):
-        from iunet3d.data import PatchLoader, PatchStream
+        from iunet3d.patches import PatchLoader, PatchStream
 
         data = self.config.data
         stream = PatchStream(
@@ -123,13 +125,13 @@ class Trainer:
         )
         return PatchLoader(stream, data.batch_size, data.num_workers, pin_memory=pin_memory)
 
-    def _validator(self, cases: list[str]) -> PatchValidator | VolumeValidator:
+    def _validator(self, cases: list[str]) -> Validator:
         """Whole-volume validation (the default), or patch-based with ``validation.mode = "patch"``."""
         arguments = (self.dataset, cases, self.config.data.patch_size, self.config.validation, self.distributed,
-                     self.normalization)  # fmt: skip
+                     self.normalization, self.autocast_dtype)  # fmt: skip
         if self.config.validation.mode == "patch":
-            return PatchValidator(*arguments, to_device=self.to_device, autocast=self.autocast)
-        return VolumeValidator(*arguments, autocast_dtype=self.autocast_dtype, scratch=self.run_dir)
+            return PatchValidator(*arguments, to_device=self.to_device)
+        return VolumeValidator(*arguments, scratch=self.run_dir)
 
     def to_device(self, image: torch.Tensor) -> torch.Tensor:
         """An image batch (B, 1, D, H, W) on the training device, in the network's memory format."""
@@ -224,9 +226,7 @@ class Trainer:
                 f"train.warmup_steps, or check the data")  # fmt: skip
 
     def _validation_due(self) -> bool:
-        every = self.config.validation.every
-        due = (every and self.step % every == 0) or self.step == self.config.train.steps
-        return self.validator is not None and bool(due)
+        return self.validator is not None and self.validator.should_validate(self.step, self.config.train.steps)
 
     def validate(self) -> ValidationResult:
         result = self.validator.run(self.network, self.config.wandb.image_panels)

@@ -13,46 +13,31 @@ import numpy as np
 import torch
 from torch import nn
 
-from iunet3d.data import CTDataset, CTNormalization
 from iunet3d.infer.case_metrics import volume_confusion_counts
 from iunet3d.infer.dice import dice_scores, mean_dice
 from iunet3d.infer.sharding import shard_cases
 from iunet3d.infer.trained_model import TrainedModel, predict_volume
-from iunet3d.train.config import ValidationConfig
-from iunet3d.train.distributed import Distributed
-from iunet3d.train.validation import ValidationResult
+from iunet3d.train.validator import ValidationResult, Validator
 from iunet3d.train.wandb_logger import SegmentationPanel
 
 
-class VolumeValidator:
+class VolumeValidator(Validator):
     """Predicts this rank's share of the held-out cases whole and sums the Dice counts over all ranks.
 
-    Every rank must call ``run``. Cases are shared out by voxel count (``shard_cases``); a rank with no
-    case contributes zero counts. Panels: per case, the z slice with the most ground-truth foreground,
-    gathered from all ranks onto the main one in case order.
+    Cases are shared out by voxel count (``shard_cases``); a rank with no case contributes zero counts.
+    Panels: per case, the z slice with the most ground-truth foreground, gathered from all ranks onto the
+    main one in case order.
     """
 
-    def __init__(
-        self,
-        dataset: CTDataset,
-        cases: list[str],
-        patch_size: tuple[int, int, int],
-        config: ValidationConfig,
-        distributed: Distributed,
-        normalization: CTNormalization,
-        autocast_dtype: torch.dtype | None = None,
-        scratch: Path | None = None,
-    ):
-        self.dataset, self.cases = dataset, list(cases)
-        self.class_names = list(dataset.class_names)
-        self.patch_size, self.config, self.distributed = tuple(patch_size), config, distributed
-        self.normalization, self.autocast_dtype, self.scratch = normalization, autocast_dtype, scratch
-        voxels = {name: math.prod(dataset.case(name).shape) for name in self.cases}
-        self.mine = shard_cases(voxels, distributed.world_size)[distributed.rank]
+    def __init__(self, *args, scratch: Path | None = None, **kwargs):
+        """``Validator``'s arguments; ``scratch``: where a streamed accumulator may be written."""
+        super().__init__(*args, **kwargs)
+        self.scratch = scratch
+        voxels = {name: math.prod(self.dataset.case(name).shape) for name in self.cases}
+        self.mine = shard_cases(voxels, self.distributed.world_size)[self.distributed.rank]
 
     @torch.no_grad()
     def run(self, network: nn.Module, panels: int = 0) -> ValidationResult:
-        """``network``: the unwrapped module (evaluation makes no gradient synchronisation)."""
         model = TrainedModel(network, self.class_names, 1, self.patch_size, self.normalization, step=0,
                              source=Path("(training)"))  # fmt: skip
         counts = torch.zeros(len(self.class_names), 3, dtype=torch.float64)

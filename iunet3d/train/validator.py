@@ -1,0 +1,64 @@
+"""What every validator shares: the held-out cases, when validation is due, autocast, and the result."""
+
+from __future__ import annotations
+
+import contextlib
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from iunet3d.data import CTDataset, CTNormalization
+from iunet3d.distributed import Distributed
+from iunet3d.train.config import ValidationConfig
+from iunet3d.train.wandb_logger import SegmentationPanel
+
+
+@dataclass
+class ValidationResult:
+    dice: dict[str, float]  #: per foreground class (NaN: absent from labels and predictions)
+    dice_mean: float
+    panels: list[SegmentationPanel] = field(default_factory=list)  #: the main rank's only
+
+    def metrics(self) -> dict[str, float]:
+        """``val/dice_mean`` and ``val/dice/<class>`` for the logger."""
+        return {"val/dice_mean": self.dice_mean, **{f"val/dice/{name}": v for name, v in self.dice.items()}}
+
+
+class Validator(ABC):
+    """Validation on the held-out ``cases`` of ``dataset``, every ``config.every`` steps and at the last.
+
+    Every rank must call ``run`` (the Dice counts are summed across ranks); ``network`` is the unwrapped
+    module, not the DDP wrapper: evaluation makes no gradient synchronisation. ``autocast_dtype`` is the
+    training's (None: full precision).
+    """
+
+    def __init__(
+        self,
+        dataset: CTDataset,
+        cases: list[str],
+        patch_size: tuple[int, int, int],
+        config: ValidationConfig,
+        distributed: Distributed,
+        normalization: CTNormalization,
+        autocast_dtype: torch.dtype | None = None,
+    ):
+        self.dataset, self.cases = dataset, list(cases)
+        self.class_names = list(dataset.class_names)
+        self.patch_size, self.config, self.distributed = tuple(patch_size), config, distributed
+        self.normalization, self.autocast_dtype = normalization, autocast_dtype
+
+    def should_validate(self, step: int, last_step: int) -> bool:
+        """Due every ``config.every`` steps (0: only at the end) and at ``last_step``."""
+        every = self.config.every
+        return bool(every and step % every == 0) or step == last_step
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.distributed.device.type, dtype=self.autocast_dtype)
+
+    @abstractmethod
+    def run(self, network: nn.Module, panels: int = 0) -> ValidationResult:
+        """Per-class Dice over all ranks, and up to ``panels`` image panels on the main rank."""

@@ -1,0 +1,1 @@
+"""Helpers shared by the tests: tensors, stored cases, tiny training runs, W&B offline records."""

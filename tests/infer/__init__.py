@@ -1,0 +1,1 @@
+"""Tests of iunet3d.infer."""
