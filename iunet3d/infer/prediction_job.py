@@ -21,7 +21,7 @@ from iunet3d.infer.memory_plan import plan_memory
 from iunet3d.infer.prediction_store import PREDICTION, prediction_chunks, write_prediction_case
 from iunet3d.infer.sharding import shard_cases
 from iunet3d.infer.trained_model import TrainedModel, load_trained_model, predict_volume
-from iunet3d.models.precision import autocast_dtype
+from iunet3d.models.precision import autocast_dtype_for
 
 
 def run_prediction_job(args: argparse.Namespace, dataset: CTDataset, cases: list[str], distributed: Distributed,
@@ -72,7 +72,7 @@ def _predict_case(args, model: TrainedModel, case: CTCase, out: Path, max_memory
     plan = plan_memory(len(model.class_names), case.shape, model.patch_size, args.batch_size,
                        prediction_chunks(case), args.probabilities, max_memory)  # fmt: skip
     say(f"{counter} {case.name} {case.shape}: {plan.describe(max_memory)}")
-    autocast = autocast_dtype(args.precision, distributed.device)
+    autocast = autocast_dtype_for(args.precision, distributed.device)
 
     def fill(labels, probabilities):
         predict_volume(model, case.image_array, overlap=args.overlap, mirror=args.mirror, batch_size=args.batch_size,

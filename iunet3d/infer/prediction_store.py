@@ -33,6 +33,7 @@ def write_prediction_case(
     """Copy case ``source`` into dataset ``out`` with a ``prediction`` label that ``fill`` writes into the
     given empty uint8 (D, H, W) array and, with ``probabilities``, the class probabilities into the
     given float16 (K, D, H, W) array (else None); returns the final case path."""
+    options = options or StorageOptions()
     with staged_case(out, source.name, copy_of=source.path) as partial:
         _write_prediction(zarr.open_group(partial, mode="r+"), source, class_names, fill, options, probabilities)
     return out / source.name

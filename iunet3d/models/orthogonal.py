@@ -1,7 +1,7 @@
 """Learnable orthogonal matrices: a skew-symmetric parameter mapped through exp or Cayley.
 
 Gradients come from autograd through ``torch.linalg.matrix_exp`` / ``torch.linalg.solve``; there
-is no hand-written backward (the original library's was wrong, see reference-iunets.md).
+is no hand-written backward (the original iunets library's hand-written one gave wrong gradients).
 """
 
 from __future__ import annotations

@@ -30,6 +30,16 @@ import torch
 DITHER = math.pi * 2.0**-24
 
 _REDUCED = (torch.float16, torch.bfloat16)
+#: The autocast dtype of each ``precision`` option of training and prediction ("fp32": none).
+AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
+
+
+def autocast_dtype_for(precision: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype for a ``precision`` option ("bf16", "fp16", "fp32") on ``device``: autocast is
+    used on CUDA only (CPU runs float32, where bf16 convolutions are emulated and slower)."""
+    if precision not in AUTOCAST_DTYPES:
+        raise ValueError(f"precision: expected one of {', '.join(AUTOCAST_DTYPES)}, got {precision!r}")
+    return AUTOCAST_DTYPES[precision] if torch.device(device).type == "cuda" else None
 
 
 def _autocast_dtype(device_type: str) -> torch.dtype | None:

@@ -19,6 +19,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from iunet3d.data import CTNormalization, open_dataset
 from iunet3d.distributed import Distributed
+from iunet3d.models.precision import autocast_dtype_for
 from iunet3d.models.segmentation import SegmentationIUNet
 from iunet3d.patches import split_cases
 from iunet3d.train.checkpoint import CheckpointManager, load_checkpoint
@@ -90,7 +91,7 @@ class Trainer:
         self.scheduler = build_scheduler(self.optimizer, steps=train.steps, warmup_steps=train.warmup_steps,
                                          schedule=train.schedule, min_lr_ratio=train.min_lr_ratio)  # fmt: skip
         on_cuda = self.device.type == "cuda"
-        self.autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(train.precision) if on_cuda else None
+        self.autocast_dtype = autocast_dtype_for(train.precision, self.device)
         self.scaler = torch.amp.GradScaler("cuda", enabled=on_cuda and train.precision == "fp16")
         self.loader = self._patch_loader(train_cases, pin_memory=on_cuda)
         self.validator = self._validator(validation_cases) if validation_cases else None

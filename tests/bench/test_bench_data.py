@@ -9,6 +9,7 @@ import sys
 import pytest
 
 from iunet3d.bench.data import SideResult, TreeMemory, format_table, memory_kb, process_tree
+from iunet3d.cli import main
 
 TINY = ("--cases", "2", "--shape", "40", "96", "96", "--patch", "16", "32", "32", "--patches", "8", "--workers", "1")
 
@@ -137,10 +138,11 @@ def test_format_table_puts_the_sides_side_by_side():
     [("--patches", "0"), ("--batch-size", "0"), ("--workers", "-1"), ("--cases", "0"),
      ("--samples-per-volume", "0"), ("--patch", "64", "128", "128", "--shape", "40", "96", "96")],
 )  # fmt: skip
-def test_bench_data_rejects_bad_arguments_before_any_work(tmp_path, arguments):
-    completed = _bench(*arguments, "--dir", str(tmp_path / "data"))
-    assert completed.returncode == 2
-    message = completed.stderr.strip()
+def test_bench_data_rejects_bad_arguments_before_any_work(tmp_path, capsys, arguments):
+    with pytest.raises(SystemExit) as exited:  # in this process: the same main() the console script runs
+        main(["bench", "data", *arguments, "--dir", str(tmp_path / "data")])
+    assert exited.value.code == 2
+    message = capsys.readouterr().err.strip()
     assert len(message.splitlines()) == 1 and message.startswith("iunet3d: error:")
     assert arguments[0] in message
     assert not (tmp_path / "data").exists()  # validated before writing anything

@@ -7,6 +7,7 @@ import sys
 import pytest
 
 from iunet3d.bench.read import LayoutResult, ReadResult, format_table, read_amplification
+from iunet3d.cli import main
 from iunet3d.data.storage import StorageOptions, chunk_shape
 
 
@@ -62,9 +63,10 @@ def test_bench_read_reports_both_layouts():
 
 
 @pytest.mark.parametrize("arguments", [("--sizes", "0"), ("--reads", "0"), ("--shape", "0", "8", "8")])
-def test_bench_read_rejects_bad_arguments_in_one_line(arguments):
-    completed = _bench(*arguments)
-    assert completed.returncode == 2
-    message = completed.stderr.strip()
+def test_bench_read_rejects_bad_arguments_in_one_line(capsys, arguments):
+    with pytest.raises(SystemExit) as exited:  # in this process: the same main() the console script runs
+        main(["bench", "read", *arguments])
+    assert exited.value.code == 2
+    message = capsys.readouterr().err.strip()
     assert len(message.splitlines()) == 1
     assert arguments[0] in message

@@ -12,6 +12,12 @@ from iunet3d.models.registry import INVERTIBLE_LAYERS, layer_examples
 from tests.helpers.tensors import randomise_parameters, relative_error
 
 EXAMPLES = layer_examples()
+#: Every example with every orthogonal parametrisation it has (layers without one: once).
+EXAMPLE_METHODS = [
+    pytest.param(example, method, id=f"{example.name}-{method}")
+    for example in EXAMPLES
+    for method in (ORTHOGONAL_METHODS if example.orthogonal else ORTHOGONAL_METHODS[:1])
+]
 
 
 def _as_tuple(value):
@@ -30,8 +36,7 @@ def _inputs(example):
 
 
 @pytest.mark.parametrize("weights", ["initial", "random"])
-@pytest.mark.parametrize("method", ORTHOGONAL_METHODS)
-@pytest.mark.parametrize("example", EXAMPLES, ids=[e.name for e in EXAMPLES])
+@pytest.mark.parametrize(("example", "method"), EXAMPLE_METHODS)
 def test_inverse_of_forward_is_identity(example, method, weights):
     layer = _build(example, method, weights)
     inputs = _inputs(example)
@@ -57,16 +62,10 @@ class _Inverse(torch.nn.Module):
         return self.layer.inverse(*tensors)
 
 
-# The quick set gradchecks Cayley-parametrised layers; the matrix exponential, and the inverse direction at
-# the initial (identity-like) weights, run with the slow tests (each gradcheck takes about a second).
-METHODS_QUICK_FIRST = [m if m == "cayley" else pytest.param(m, marks=pytest.mark.slow) for m in ORTHOGONAL_METHODS]
-WEIGHTS_AND_DIRECTIONS = [("initial", "forward"), pytest.param("initial", "inverse", marks=pytest.mark.slow),
-                          ("random", "forward"), ("random", "inverse")]  # fmt: skip
-
-
-@pytest.mark.parametrize(("weights", "direction"), WEIGHTS_AND_DIRECTIONS)
-@pytest.mark.parametrize("method", METHODS_QUICK_FIRST)
-@pytest.mark.parametrize("example", EXAMPLES, ids=[e.name for e in EXAMPLES])
+@pytest.mark.parametrize(
+    ("weights", "direction"), [(w, d) for w in ("initial", "random") for d in ("forward", "inverse")]
+)
+@pytest.mark.parametrize(("example", "method"), EXAMPLE_METHODS)
 def test_gradcheck_inputs_and_parameters(example, method, weights, direction):
     layer = _build(example, method, weights)
     inputs = _inputs(example)

@@ -1,4 +1,4 @@
-"""Loss, Dice metric, LR schedule, checkpoints and the segmentation network, each on its own."""
+"""Loss, Dice metric, LR schedule, checkpoints, validation cadence and the segmentation network, each on its own."""
 
 from __future__ import annotations
 
@@ -8,11 +8,19 @@ import numpy as np
 import pytest
 import torch
 
+from iunet3d.data import CTNormalization, open_dataset
+from iunet3d.data.staging import TEMPORARY_PREFIX
+from iunet3d.distributed import Distributed
 from iunet3d.infer.dice import confusion_counts, dice_scores, mean_dice
 from iunet3d.models.segmentation import SegmentationIUNet
 from iunet3d.train.checkpoint import CheckpointManager, load_checkpoint
+from iunet3d.train.config import ValidationConfig
 from iunet3d.train.loss import DiceCELoss
+from iunet3d.train.patch_validation import PatchValidator
 from iunet3d.train.schedule import lr_factor
+from iunet3d.train.validator import Validator
+from iunet3d.train.volume_validation import VolumeValidator
+from tests.helpers.train import tiny_dataset
 
 CLASSES = ["background", "liver", "kidney", "lesion"]
 
@@ -119,6 +127,25 @@ def test_a_save_that_fails_midway_leaves_the_previous_checkpoint_and_no_partial_
     assert manager.steps() == [1]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["latest", "step-1.pt"]
     assert manager.load_latest()[1]["step"] == 1
+
+
+def test_a_temporary_file_left_by_a_killed_save_is_removed_by_the_next_save(tmp_path):
+    manager = CheckpointManager(tmp_path, keep=3)
+    leftover = tmp_path / f"{TEMPORARY_PREFIX}12345-step-1.pt"
+    leftover.write_bytes(b"half a checkpoint")
+    assert manager.steps() == []  # never read as a checkpoint
+    manager.save(1, {"step": 1, "model": {}})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["latest", "step-1.pt"]
+
+
+@pytest.mark.parametrize(("every", "due"), [(3, [3, 6, 9, 10]), (0, [10]), (5, [5, 10])])
+def test_validation_is_due_every_n_steps_and_at_the_last(tmp_path, every, due):
+    dataset = open_dataset(tiny_dataset(tmp_path / "data", cases=2, shape=(8, 24, 24)))
+    config = ValidationConfig(every=every, mode="patch", patches_per_case=1)
+    for kind in (PatchValidator, VolumeValidator):
+        validator = kind(dataset, dataset.case_names, (8, 16, 16), config, Distributed(), CTNormalization.window())
+        assert [step for step in range(1, 11) if validator.should_validate(step, last_step=10)] == due
+        assert validator.autocast_dtype is None and isinstance(validator, Validator)
 
 
 def test_a_corrupted_newest_checkpoint_is_skipped_with_a_warning(tmp_path):
