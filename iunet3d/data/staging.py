@@ -19,6 +19,8 @@ from typing import BinaryIO
 
 import zarr
 
+from iunet3d.data.errors import DataError
+
 PARTIAL_DIR = ".partial"
 TEMPORARY_PREFIX = ".tmp-"  #: temporary files are ``.tmp-<pid>-<final name>`` beside their final name
 
@@ -62,6 +64,37 @@ def _fsync_directory(directory: Path) -> None:
         os.close(descriptor)
 
 
+def check_inside(path: Path, root: Path, what: str = "path") -> Path:
+    """``path`` if it lies inside the directory ``root`` without passing through a symbolic link on the
+    way (``root`` itself may be reached through links); else a DataError naming both. Every path a
+    command deletes or writes inside a dataset goes through this check first."""
+    absolute = Path(os.path.abspath(path))  # ".." resolved by name, links not followed
+    relative = None
+    for base in (Path(os.path.abspath(root)), Path(root).resolve()):
+        if absolute.is_relative_to(base):
+            relative, root = absolute.relative_to(base), base
+            break
+    if relative is None or not relative.parts:
+        raise DataError(f"{path}: {what} lies outside {root}; refusing to write or delete it")
+    current = root
+    for part in relative.parts:
+        current = current / part
+        if current.is_symlink():
+            raise DataError(
+                f"{current}: is a symbolic link inside {root}; iunet3d never writes or deletes through links "
+                "(remove the link, it was not made by iunet3d)"
+            )
+    return root / relative
+
+
+def remove_tree(path: Path, root: Path, what: str = "directory") -> None:
+    """Delete the directory ``path`` (if it exists) after ``check_inside(path, root)``: never outside
+    ``root``, never through or at a symbolic link."""
+    path = check_inside(path, root, what)
+    if path.exists():
+        shutil.rmtree(path)
+
+
 def is_complete_case(path: Path) -> bool:
     """True when ``path`` holds a case whose writing finished."""
     if not (path / "zarr.json").is_file() or not (path / "0" / "zarr.json").is_file():
@@ -79,18 +112,16 @@ def staged_case(dataset: Path, name: str, *, copy_of: Path | None = None) -> Ite
     with ``copy_of``, a copy of that case. When the block ends without an exception the case is marked
     complete and renamed to ``<dataset>/<name>`` (replacing an incomplete leftover or an earlier output
     of the same command); after an exception the partial directory stays for the next run to remove."""
-    partial = dataset / PARTIAL_DIR / name
-    if partial.exists():
-        shutil.rmtree(partial)
+    partial = check_inside(dataset / PARTIAL_DIR / name, dataset, "staging directory")
+    remove_tree(partial, dataset, "staging directory")
     partial.parent.mkdir(parents=True, exist_ok=True)
     if copy_of is not None:
         shutil.copytree(copy_of, partial)
         _set_complete(partial, False)
     yield partial
     _set_complete(partial, True)
-    final = dataset / name
-    if final.exists():
-        shutil.rmtree(final)
+    final = check_inside(dataset / name, dataset, "case directory")
+    remove_tree(final, dataset, "case directory")
     os.replace(partial, final)
     _fsync_directory(dataset)
     with contextlib.suppress(OSError):  # other cases may still be in progress there
@@ -104,4 +135,4 @@ def _set_complete(case: Path, complete: bool) -> None:
 
 def remove_partial_cases(dataset: Path) -> None:
     """Remove what interrupted runs left under ``<dataset>/.partial`` (call it holding the dataset's lock)."""
-    shutil.rmtree(dataset / PARTIAL_DIR, ignore_errors=True)
+    remove_tree(dataset / PARTIAL_DIR, dataset, "staging directory")

@@ -3,11 +3,13 @@
 import pytest
 import zarr
 
+from iunet3d.data import DataError
 from iunet3d.data.staging import (
     PARTIAL_DIR,
     TEMPORARY_PREFIX,
     atomic_path,
     atomic_write,
+    check_inside,
     is_complete_case,
     staged_case,
     write_text_atomically,
@@ -77,3 +79,20 @@ def test_a_staged_copy_is_incomplete_until_its_block_ends(tmp_path):
         assert (partial / "0" / "zarr.json").is_file()
         assert not is_complete_case(partial)  # the copied "complete" flag is cleared until the end
     assert is_complete_case(out / "c1") and is_complete_case(source)
+
+
+def test_a_symlinked_partial_directory_is_refused_and_its_target_untouched(tmp_path):
+    dataset, elsewhere = tmp_path / "dataset", tmp_path / "elsewhere"
+    (elsewhere / "c1").mkdir(parents=True)
+    (elsewhere / "c1" / "keep.txt").write_text("user data")
+    dataset.mkdir()
+    (dataset / PARTIAL_DIR).symlink_to(elsewhere)
+    with pytest.raises(DataError, match="symbolic link"), staged_case(dataset, "c1"):
+        pass
+    assert (elsewhere / "c1" / "keep.txt").read_text() == "user data"
+
+
+@pytest.mark.parametrize("name", ["../x", "/tmp/abs", "a/../../x"])
+def test_paths_outside_the_dataset_are_refused(tmp_path, name):
+    with pytest.raises(DataError, match="outside"):
+        check_inside(tmp_path / "dataset" / name, tmp_path / "dataset")
