@@ -3,7 +3,8 @@
 SimpleITK (a TorchIO dependency) does the file formats. Everything a user can get wrong is checked
 here and reported naming the file: missing or unreadable files, 2D or multi-channel images, NaN/inf
 intensities, values outside int16, image/label geometry mismatch, labels that are not small
-non-negative integers.
+non-negative integers. Files cut short are refused before ITK reads them (``file_lengths``); DICOM series
+whose slices are not one evenly spaced stack are refused by ``dicom_series``.
 """
 
 from __future__ import annotations
@@ -14,7 +15,9 @@ import numpy as np
 import SimpleITK as sitk
 
 from iunet3d.data.case_writer import CaseVolume
+from iunet3d.data.dicom_series import DIRECTION_ATOL, read_dicom_series
 from iunet3d.data.errors import DataError
+from iunet3d.data.file_lengths import check_file_length
 from iunet3d.data.orientation import (
     Geometry,
     Reorientation,
@@ -30,7 +33,6 @@ SLAB = 32
 _INT16 = np.iinfo(np.int16)
 SPACING_RTOL = 1e-4
 ORIGIN_ATOL_MM = 1e-2
-DIRECTION_ATOL = 1e-4
 
 
 def split_suffix(name: str) -> tuple[str, str] | None:
@@ -41,24 +43,23 @@ def split_suffix(name: str) -> tuple[str, str] | None:
     return None
 
 
-def _read_dicom_series(path: Path) -> sitk.Image:
-    series = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(path))
-    if not series:
-        raise DataError(f"{path}: directory holds no DICOM series (and is not an image file)")
-    if len(series) > 1:
-        raise DataError(f"{path}: directory holds {len(series)} DICOM series ({', '.join(series)}); expected one")
-    reader = sitk.ImageSeriesReader()
-    reader.SetFileNames(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(path), series[0]))
-    return reader.Execute()
-
-
 def read_volume(path: Path, what: str) -> sitk.Image:
-    """A 3D scalar image from a file or a DICOM series directory; ``what`` ("image"/"label") for errors."""
+    """A 3D scalar image from a file or a DICOM series directory; ``what`` ("image"/"label") for errors.
+
+    A file cut short, or a series of DICOM slices that is not one evenly spaced stack, is refused before ITK
+    reads it (see ``file_lengths`` and ``dicom_series``). A directory holding one multi-frame DICOM
+    file reads as that file."""
     path = Path(path)
     if not path.exists():
         raise DataError(f"{path}: {what} file not found")
     try:
-        image = _read_dicom_series(path) if path.is_dir() else sitk.ReadImage(str(path))
+        if path.is_dir():
+            image = read_dicom_series(path, what)
+        else:
+            check_file_length(path, what)
+            image = sitk.ReadImage(str(path))
+    except OSError as error:
+        raise DataError(f"{error.filename or path}: cannot read {what} ({error.strerror})") from None
     except RuntimeError as error:
         reason = str(error).strip().splitlines()[-1] if str(error).strip() else "unknown error"
         raise DataError(f"{path}: cannot read {what} ({reason})") from None
