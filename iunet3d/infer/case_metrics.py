@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from iunet3d.data.staging import write_text_atomically
+from iunet3d.data.staging import check_inside, write_text_atomically
 from iunet3d.infer.accumulator import block_regions
 from iunet3d.infer.dice import confusion_counts, dice_scores
 
@@ -52,7 +52,7 @@ def case_metrics(case: str, prediction, reference, class_names: Sequence[str], s
 
 def write_metrics(rows: Sequence[dict], out: Path) -> tuple[Path, Path]:
     """``out/metrics.csv`` (one row per case and class) and ``out/metrics.json`` (rows plus per-class means)."""
-    csv_path, json_path = out / "metrics.csv", out / "metrics.json"
+    csv_path, json_path = check_inside(out / "metrics.csv", out), check_inside(out / "metrics.json", out)
     table = io.StringIO(newline="")
     writer = csv.DictWriter(table, fieldnames=COLUMNS)
     writer.writeheader()

@@ -51,11 +51,11 @@ def run_predict(args: argparse.Namespace) -> int:
     distributed = setup_distributed(args.device, argument="--device")
     try:
         with tempfile.TemporaryDirectory(prefix="iunet3d-input-") as scratch:
-            dataset, cases = resolve_input(args.input, args.case, Path(scratch) / f"rank{distributed.rank}")
+            dataset, cases, source = resolve_input(args.input, args.case, Path(scratch) / f"rank{distributed.rank}")
             from iunet3d.infer.prediction_job import run_prediction_job
 
             max_memory = default_max_memory() if args.max_memory is None else int(args.max_memory * 2**20)
-            return run_prediction_job(args, dataset, cases, distributed, max_memory)
+            return run_prediction_job(args, dataset, cases, distributed, max_memory, source)
     finally:
         teardown_distributed(distributed)
 
@@ -67,8 +67,9 @@ def default_max_memory() -> int:
 
 
 def resolve_input(path: Path, cases: list[str] | None, scratch: Path):
-    """(dataset, case names) for a dataset, a case directory of one, or an image file / DICOM directory
-    (converted into a temporary dataset under ``scratch``)."""
+    """(dataset, case names, source) for a dataset, a case directory of one, or an image file / DICOM
+    directory (converted into a temporary dataset under ``scratch``); ``source`` is the resolved path of
+    the input dataset or image file, recorded as what the output is a prediction of."""
     from iunet3d.data import CTDataset, DataError, open_dataset
 
     if not path.exists():
@@ -80,10 +81,10 @@ def resolve_input(path: Path, cases: list[str] | None, scratch: Path):
             dataset = open_dataset(path.parent)  # a case directory: its parent is the dataset
             if path.name not in dataset:
                 raise ValueError(f"--input {path}: neither an iunet3d dataset nor one of its cases") from None
-            return dataset, [path.name]
+            return dataset, [path.name], str(dataset.path.resolve())
         for name in cases or []:
             dataset.case(name)  # names a missing case
-        return dataset, list(cases or dataset.case_names)
+        return dataset, list(cases or dataset.case_names), str(dataset.path.resolve())
     from iunet3d.data import CaseJob, run_conversion
     from iunet3d.data.image_files import split_suffix
 
@@ -91,4 +92,4 @@ def resolve_input(path: Path, cases: list[str] | None, scratch: Path):
     report = run_conversion([CaseJob(case=stem, image=path)], scratch / "input", progress=False)
     if report.failed:
         raise ValueError(f"--input {path}: {next(iter(report.failed.values()))}")
-    return CTDataset(scratch / "input"), [stem]
+    return CTDataset(scratch / "input"), [stem], str(path.resolve())

@@ -1,63 +1,92 @@
 """One rank's part of ``iunet3d predict``: its share of the cases predicted into the output dataset.
 
-Rank 0 opens the output for writing and holds its lock for the whole job; every rank predicts the
+Rank 0 first checks that the output may take the cases (``check_output``: predict never replaces what it
+did not write), then opens it for writing and holds its lock for the whole job; every rank predicts the
 cases ``shard_cases`` gives it (balanced by voxel count), each staged so that a killed job leaves no
-case that looks complete; the per-case metrics are gathered onto rank 0, which writes them.
+case that looks complete, with temporary files under ``<out>/.partial`` where a rerun removes them; the
+per-case metrics are gathered onto rank 0, which writes them. ``--out`` equal to the input dataset adds
+the prediction to its cases in place.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import math
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
 from iunet3d.data import CTCase, CTDataset, export_case
+from iunet3d.data.case_writer import DEFAULT_LABEL_NAME
 from iunet3d.data.dataset_root import writing_dataset
+from iunet3d.data.errors import DataError
+from iunet3d.data.staging import PARTIAL_DIR, check_inside, remove_tree
 from iunet3d.distributed import Distributed
 from iunet3d.infer.case_metrics import case_metrics, write_metrics
 from iunet3d.infer.memory_plan import plan_memory
-from iunet3d.infer.prediction_store import PREDICTION, prediction_chunks, write_prediction_case
+from iunet3d.infer.prediction_store import (
+    PREDICTION,
+    check_output,
+    mark_output,
+    prediction_chunks,
+    prediction_record,
+    write_prediction_case,
+    write_prediction_in_place,
+)
 from iunet3d.infer.sharding import shard_cases
 from iunet3d.infer.trained_model import TrainedModel, load_trained_model, predict_volume
 from iunet3d.models.precision import autocast_dtype_for
 
 
 def run_prediction_job(args: argparse.Namespace, dataset: CTDataset, cases: list[str], distributed: Distributed,
-                       max_memory: int) -> int:  # fmt: skip
-    """Predict ``cases`` of ``dataset`` into ``args.out`` with the options of ``iunet3d predict``."""
+                       max_memory: int, source: str) -> int:  # fmt: skip
+    """Predict ``cases`` of ``dataset`` into ``args.out`` with the options of ``iunet3d predict``; ``source``
+    (the resolved input dataset or image file) is recorded as what the output is a prediction of."""
     model = load_trained_model(args.checkpoint, device=distributed.device)
-    labelled = [name for name in cases if dataset.case(name).has_label]
+    opened = {name: dataset.case(name) for name in cases}
+    labelled = [name for name, case in opened.items() if _reference_label(case)]
     model.check_input(dataset.class_names if labelled else None, what=f"dataset {dataset.path}")
     out, say = args.out.resolve(), _Say(distributed)
-    mine = shard_cases({name: math.prod(dataset.case(name).shape) for name in cases}, distributed.world_size)
+    in_place = out == dataset.path.resolve()
+    mine = shard_cases({name: math.prod(case.shape) for name, case in opened.items()}, distributed.world_size)
     mine = mine[distributed.rank]
-    with _output_dataset(out, model.class_names, distributed):
+    with _output_dataset(out, source, list(opened.values()), in_place, model.class_names, distributed):
         rows = []
         for index, name in enumerate(mine, start=1):
-            rows += _predict_case(args, model, dataset.case(name), out, max_memory, distributed, say,
-                                  f"[{index}/{len(mine)}]")  # fmt: skip
+            job = _CaseJob(opened[name], out, source, in_place, f"[{index}/{len(mine)}]")
+            rows += _predict_case(args, model, job, max_memory, distributed, say)
         gathered = distributed.gather_objects(rows)  # also waits for every rank's cases
+        if distributed.is_main:
+            _remove_scratch(out)
     distributed.barrier()
     if args.nifti is not None:
         args.nifti.mkdir(parents=True, exist_ok=True)
         for name in mine:  # the source file's orientation, spacing, origin and direction
-            say(f"  -> {export_case(out, name, args.nifti / f'{name}.nii.gz', label=PREDICTION)}")
+            target = check_inside(args.nifti / f"{opened[name].name}.nii.gz", args.nifti, "NIfTI file")
+            say(f"  -> {export_case(out, opened[name].name, target, label=PREDICTION)}")
     if distributed.is_main:
         _report(sorted((row for part in gathered for row in part), key=lambda row: cases.index(row["case"])), out)
     return 0
 
 
 @contextlib.contextmanager
-def _output_dataset(out: Path, class_names: list[str], distributed: Distributed) -> Iterator[None]:
-    """Rank 0 holds ``out`` open for writing (its lock, and the root rebuilt at the end); every rank
-    learns whether opening it worked."""
+def _output_dataset(out: Path, source: str, cases: list[CTCase], in_place: bool, class_names: list[str],
+                    distributed: Distributed) -> Iterator[None]:  # fmt: skip
+    """Rank 0 checks that ``out`` may take these cases (before writing anything), then holds it open for
+    writing (its lock, and the root rebuilt at the end) and makes the scratch directory; every rank
+    learns whether that worked."""
     with contextlib.ExitStack() as held:
         error = None
         if distributed.is_main:
             try:
+                check_output(out, source, cases, in_place)
                 held.enter_context(writing_dataset(out, class_names))
+                if not in_place:
+                    mark_output(out, source)
+                scratch = check_inside(_scratch(out), out, "scratch directory")
+                scratch.mkdir(parents=True, exist_ok=True)  # the next run's writing_dataset removes it
             except ValueError as failure:
                 error = str(failure)
         error = distributed.broadcast_object(error)
@@ -66,25 +95,96 @@ def _output_dataset(out: Path, class_names: list[str], distributed: Distributed)
         yield
 
 
-def _predict_case(args, model: TrainedModel, case: CTCase, out: Path, max_memory: int, distributed, say,
-                  counter: str) -> list[dict]:  # fmt: skip
-    """Predict ``case`` whole into ``out``; its metric rows when it has a label."""
+@dataclasses.dataclass
+class _CaseJob:
+    case: CTCase
+    out: Path
+    source: str
+    in_place: bool
+    counter: str
+
+
+def _predict_case(args, model: TrainedModel, job: _CaseJob, max_memory: int, distributed, say) -> list[dict]:
+    """Predict ``job.case`` whole into ``job.out``; its metric rows when it has a label."""
+    case = job.case
     plan = plan_memory(len(model.class_names), case.shape, model.patch_size, args.batch_size,
                        prediction_chunks(case), args.probabilities, max_memory)  # fmt: skip
-    say(f"{counter} {case.name} {case.shape}: {plan.describe(max_memory)}")
+    say(f"{job.counter} {case.name} {case.shape}: {plan.describe(max_memory)}")
     autocast = autocast_dtype_for(args.precision, distributed.device)
+    image = _CaseArray(case.image_array, case, "image")
 
     def fill(labels, probabilities):
-        predict_volume(model, case.image_array, overlap=args.overlap, mirror=args.mirror, batch_size=args.batch_size,
-                       plan=plan, scratch=out, device=distributed.device, autocast_dtype=autocast,
+        predict_volume(model, image, overlap=args.overlap, mirror=args.mirror, batch_size=args.batch_size,
+                       plan=plan, scratch=_scratch(job.out), device=distributed.device, autocast_dtype=autocast,
                        progress=not args.no_progress, out=labels, probabilities=probabilities)  # fmt: skip
 
-    written = write_prediction_case(case, out, model.class_names, fill, probabilities=args.probabilities)
+    write = write_prediction_in_place if job.in_place else write_prediction_case
+    record = prediction_record(job.source, case.name)
+    with _write_errors(case, job.out):
+        written = write(case, job.out, model.class_names, fill, probabilities=args.probabilities, record=record)
     say(f"  -> {written / 'labels' / PREDICTION / '0'}")
-    if not case.has_label:
+    reference = _reference_label(case)
+    if reference is None:
         return []
-    prediction = CTCase(written).label_array(PREDICTION)
-    return case_metrics(case.name, prediction, case.label_array(), model.class_names, case.spacing)
+    prediction = _CaseArray(CTCase(written).label_array(PREDICTION), case, "prediction")
+    reference = _CaseArray(case.label_array(reference), case, f"label {reference!r}")
+    return case_metrics(case.name, prediction, reference, model.class_names, case.spacing)
+
+
+def _reference_label(case: CTCase) -> str | None:
+    """The ground-truth label to score against (never an earlier prediction), or None."""
+    names = [name for name in case.label_names if name != PREDICTION]
+    return None if not names else DEFAULT_LABEL_NAME if DEFAULT_LABEL_NAME in names else names[0]
+
+
+@contextlib.contextmanager
+def _write_errors(case: CTCase, out: Path) -> Iterator[None]:
+    """A failed write (disk full, no permission, a file in the way) as one line naming the case and path."""
+    try:
+        yield
+    except shutil.Error as error:  # copytree: a list of (source, destination, reason)
+        failures = [entry for entry in error.args[0] if isinstance(entry, tuple)] if error.args else []
+        if not failures:
+            raise ValueError(f"case {case.name}: writing its prediction into {out} failed ({error})") from None
+        _, destination, reason = failures[0]
+        more = f" (and {len(failures) - 1} more)" if len(failures) > 1 else ""
+        raise ValueError(f"case {case.name}: cannot write {destination}: {reason}{more}") from None
+    except OSError as error:
+        path = error.filename or out
+        raise ValueError(f"case {case.name}: cannot write {path}: {error.strerror or error}") from None
+
+
+class _CaseArray:
+    """A case's array whose read errors (e.g. a corrupted chunk) are DataErrors naming the case and region."""
+
+    def __init__(self, array, case: CTCase, what: str):
+        self.array, self.case, self.what = array, case, what
+        self.shape, self.dtype, self.chunks = array.shape, array.dtype, getattr(array, "chunks", None)
+
+    def __getitem__(self, region):
+        try:
+            return self.array[region]
+        except Exception as error:
+            raise DataError(
+                f"case {self.case.name}: reading its {self.what} ({self.case.path}) failed at {_describe(region)} "
+                f"({type(error).__name__}: {error}); the store may be corrupted"
+            ) from error
+
+
+def _describe(region) -> str:
+    parts = region if isinstance(region, tuple) else (region,)
+    return "[" + ", ".join(f"{p.start}:{p.stop}" if isinstance(p, slice) else str(p) for p in parts) + "]"
+
+
+def _scratch(out: Path) -> Path:
+    """Temporary files of this job (streamed accumulators): under ``.partial``, which a rerun removes."""
+    return out / PARTIAL_DIR / ".scratch"
+
+
+def _remove_scratch(out: Path) -> None:
+    remove_tree(_scratch(out), out, "scratch directory")
+    with contextlib.suppress(OSError):  # other leftovers stay for the next run to remove
+        (out / PARTIAL_DIR).rmdir()
 
 
 def _report(rows: list[dict], out: Path) -> None:
