@@ -29,6 +29,7 @@ INTENSITY_SAMPLES_PER_CASE = 10_000
 BODY_THRESHOLD_HU = -500  # foreground for intensity statistics of unlabelled cases
 IMAGE_FILL_HU = -1024  #: air: the fill of stored images, and of reads and windows beyond a volume
 _CASE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+ALL_CHUNKS_WRITTEN = "all_chunks_written"  #: storage attribute: the case's arrays stored with every chunk
 
 
 @dataclass
@@ -101,8 +102,12 @@ def write_case(
     """Write ``volume`` as case ``name`` of ``dataset``; returns the case summary for the root attributes."""
     check_case_name(name)
     _check_volume(name, volume, class_names)
-    with staged_case(dataset, name) as partial:
-        _write_staged(partial, name, volume, class_names, options, label_name, seed)
+    try:
+        with staged_case(dataset, name) as partial:
+            _write_staged(partial, name, volume, class_names, options, label_name, seed)
+    except OSError as error:  # disk full, I/O error, a file where a directory must go: name the case and path
+        where = error.filename or dataset / name
+        raise DataError(f"case {name}: cannot write {where}: {error.strerror or error}") from error
     return _summary(name, volume, label_name)
 
 
@@ -121,7 +126,9 @@ def _write_staged(partial: Path, name: str, volume: CaseVolume, class_names, opt
     spacing, origin = zyx(volume.geometry.spacing), zyx(volume.geometry.origin)
     case = zarr.open_group(partial, mode="w", zarr_format=3, attributes=ome.image_attributes(name, spacing, origin))
     create_volume_array(case, ome.LEVEL_PATH, volume.image, spacing, options, fill_value=IMAGE_FILL_HU)
+    complete_arrays = [ome.LEVEL_PATH]
     if volume.label is not None:
+        complete_arrays.append(f"labels/{label_name}/{ome.LEVEL_PATH}")
         names = list(class_names) if class_names else default_class_names(int(volume.label.max(initial=0)))
         labels = case.create_group("labels", attributes=ome.labels_group_attributes([label_name]))
         label_group = labels.create_group(
@@ -136,7 +143,7 @@ def _write_staged(partial: Path, name: str, volume: CaseVolume, class_names, opt
         "origin": origin,
         "geometry": volume.geometry.to_dict(),
         "source": volume.source,
-        "storage": options.to_dict(),
+        "storage": {**options.to_dict(), ALL_CHUNKS_WRITTEN: complete_arrays},
         "index": index_info,
     }
     case.update_attributes({"iunet3d": attributes})  # "complete" is set by staged_case, last

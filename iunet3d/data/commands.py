@@ -21,6 +21,12 @@ def _add_storage_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--codec", choices=BLOSC_CODECS, default=defaults.codec, help="blosc compressor")
     group.add_argument("--level", type=int, default=defaults.level, help="compression level 0..9")
     parser.add_argument("--workers", type=int, default=default_workers(), help="cases converted in parallel")
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="convert cases that already exist again and replace them (default: skip a case converted from the "
+        "same input, refuse one converted from another)",
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -74,6 +80,7 @@ def run_convert(args: argparse.Namespace) -> int:
         options=_storage(args),
         workers=args.workers,
         progress=not args.no_progress,
+        overwrite=args.overwrite,
     )
     report.failed.update(problems)
     if args.image is not None and report.failed:
@@ -123,6 +130,7 @@ def run_synth(args: argparse.Namespace) -> int:
         options=_storage(args),
         workers=args.workers,
         progress=not args.no_progress,
+        overwrite=args.overwrite,
     )
     return _print_report(report, args.out)
 

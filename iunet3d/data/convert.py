@@ -2,11 +2,14 @@
 
 Each case is converted by one worker process from start to finish (read, check, reorient, write,
 index), so memory stays at about two copies of one case per worker whatever the dataset size.
-Complete cases are skipped, so an interrupted conversion is resumed by running it again.
+Complete cases converted from the same files are skipped, so an interrupted conversion is resumed by
+running it again; a complete case converted from other files is left alone and reported as a failure,
+unless ``overwrite`` (``--overwrite``) asks to replace it.
 """
 
 from __future__ import annotations
 
+import json
 import multiprocessing
 import os
 import time
@@ -19,6 +22,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from iunet3d.data.case_writer import CaseVolume, check_case_name, write_case
+from iunet3d.data.dataset import CTCase
 from iunet3d.data.dataset_root import DatasetWriting, writing_dataset
 from iunet3d.data.errors import DataError
 from iunet3d.data.image_files import split_suffix
@@ -95,7 +99,7 @@ def _synthetic_case(options: dict) -> CaseVolume:
     spacing_xyz = tuple(float(s) for s in reversed(options["spacing"]))
     geometry = Geometry(spacing_xyz, (0.0, 0.0, 0.0), (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0))
     source = {
-        "synthetic": {k: list(v) if isinstance(v, tuple) else v for k, v in options.items()},
+        "synthetic": _synthetic_source(options),
         "image_dtype": "int16",
         "label_dtype": "uint8",
         "geometry": geometry.to_dict(),
@@ -104,11 +108,28 @@ def _synthetic_case(options: dict) -> CaseVolume:
     return CaseVolume(image=image, label=label, geometry=geometry, source=source)
 
 
+def _synthetic_source(options: dict) -> dict:
+    """The phantom options as stored in the case attributes (JSON types)."""
+    return json.loads(json.dumps({k: list(v) if isinstance(v, tuple) else v for k, v in options.items()}))
+
+
+def _input_files(job: CaseJob) -> dict:
+    """The job's input as stored in ``source``: absolute image and label paths (links not resolved)."""
+    files = {"image": os.path.abspath(job.image)}
+    if job.label is not None:
+        files["label"] = os.path.abspath(job.label)
+    return files
+
+
 def convert_case(job: CaseJob, dataset: Path, class_names: Sequence[str] | None, options: StorageOptions) -> dict:
     """Convert one case (in whichever process runs it); raises DataError for bad input."""
     from iunet3d.data.image_files import load_case
 
-    volume = _synthetic_case(job.synthetic) if job.synthetic is not None else load_case(job.image, job.label)
+    if job.synthetic is not None:
+        volume = _synthetic_case(job.synthetic)
+    else:
+        volume = load_case(job.image, job.label)
+        volume.source.update(_input_files(job))  # absolute: a rerun from elsewhere recognises the same files
     return write_case(dataset, job.case, volume, class_names=class_names, options=options)
 
 
@@ -126,8 +147,13 @@ def run_conversion(
     options: StorageOptions | None = None,
     workers: int = 1,
     progress: bool = True,
+    overwrite: bool = False,
 ) -> ConversionReport:
-    """Write every job's case into ``dataset`` (created if needed); failures are collected, not raised."""
+    """Write every job's case into ``dataset`` (created if needed); failures are collected, not raised.
+
+    A complete case of a job's name is skipped when it was converted from the same files (or phantom
+    options); one converted from others is a failure naming both, unless ``overwrite``: then every job's
+    case is converted again and replaces the stored one (staged, so a failure leaves the old case)."""
     dataset = Path(dataset)
     options = options or StorageOptions()
     if workers < 1:
@@ -135,12 +161,42 @@ def run_conversion(
     report = ConversionReport()
     jobs = [job for job in jobs if _valid_name(job, report)]
     with writing_dataset(dataset, class_names) as writing:
-        complete = {job.case for job in jobs if is_complete_case(dataset / job.case)}
-        report.skipped = [job.case for job in jobs if job.case in complete]
-        todo = [job for job in jobs if job.case not in complete]
+        todo = [job for job in jobs if overwrite or _to_convert(job, dataset, report)]
         _convert_all(todo, writing, options, workers, progress, report)
     report.dataset = writing.info
     return report
+
+
+def _to_convert(job: CaseJob, dataset: Path, report: ConversionReport) -> bool:
+    """False for a complete case of the job's name: skipped if it came from the same input, else a failure."""
+    path = dataset / job.case
+    if not is_complete_case(path):
+        return True
+    try:
+        source = CTCase(path).info.get("source", {})
+    except DataError as error:
+        report.failed[job.case] = str(error)
+        return False
+    if job.synthetic is not None:
+        stored, given = source.get("synthetic"), _synthetic_source(job.synthetic)
+    else:
+        stored = {key: os.path.abspath(source[key]) for key in ("image", "label") if source.get(key)}
+        stored = stored or source.get("synthetic")
+        given = _input_files(job)
+    if stored == given:
+        report.skipped.append(job.case)
+    else:
+        report.failed[job.case] = (
+            f"case {job.case} already exists in {dataset}, converted from {_describe_input(stored)}; "
+            f"not replacing it with {_describe_input(given)} (pass --overwrite to replace it)"
+        )
+    return False
+
+
+def _describe_input(files: dict | None) -> str:
+    if not files or "image" not in files:
+        return f"phantom {files}" if files else "an unknown input"
+    return files["image"] + (f" with label {files['label']}" if "label" in files else " (no label)")
 
 
 def _valid_name(job: CaseJob, report: ConversionReport) -> bool:

@@ -12,6 +12,7 @@ Layout (a Zarr v3 group per directory)::
 from __future__ import annotations
 
 import json
+import warnings
 from collections.abc import Iterator, Sequence
 from functools import cached_property
 from pathlib import Path
@@ -19,10 +20,18 @@ from pathlib import Path
 import numpy as np
 import zarr
 
-from iunet3d.data.case_writer import DEFAULT_LABEL_NAME, IMAGE_FILL_HU
+from iunet3d.data.case_writer import (
+    ALL_CHUNKS_WRITTEN,
+    DEFAULT_LABEL_NAME,
+    IMAGE_FILL_HU,
+    check_case_name,
+    default_class_names,
+)
 from iunet3d.data.errors import DataError
 from iunet3d.data.orientation import Geometry
-from iunet3d.data.storage import open_volume_array, read_region
+from iunet3d.data.staging import is_complete_case
+from iunet3d.data.statistics import intensity_statistics, spacing_statistics
+from iunet3d.data.storage import ChunkCheckedArray, open_volume_array, read_region
 
 DATASET_KIND = "iunet3d-ct-dataset"
 
@@ -53,7 +62,7 @@ class CTCase:
         if not info or not info.get("complete"):
             raise DataError(f"{self.path}: not a complete iunet3d case (was its conversion interrupted?)")
         self.info = info
-        self.name: str = info["name"]
+        self.name: str = _checked_case_name(self.path, info.get("name"))
         self.shape: tuple[int, int, int] = tuple(info["shape"])
         self.spacing: tuple[float, float, float] = tuple(info["spacing"])  # z, y, x mm
         self.origin: tuple[float, float, float] = tuple(info["origin"])  # z, y, x mm
@@ -86,10 +95,12 @@ class CTCase:
         return affine
 
     @cached_property
-    def image_array(self) -> zarr.Array:
+    def image_array(self) -> zarr.Array | ChunkCheckedArray:
+        """int16 HU (D, H, W), indexed like a zarr array; a read that touches a lost chunk file fails (DataError)."""
         return self._open_array("0", "image")
 
-    def label_array(self, name: str | None = None) -> zarr.Array:
+    def label_array(self, name: str | None = None) -> zarr.Array | ChunkCheckedArray:
+        """uint8 classes (D, H, W) of label ``name`` (default: the segmentation), indexed like a zarr array."""
         name = self._label_name(name)
         if name not in self._label_arrays:  # opened once: opening reads and parses zarr.json
             self._label_arrays[name] = self._open_array(f"labels/{name}/0", f"label {name!r}")
@@ -103,13 +114,18 @@ class CTCase:
             raise DataError(f"case {self.name}: no label {name!r}; it has {', '.join(self.label_names)}")
         return name
 
-    def _open_array(self, key: str, what: str) -> zarr.Array:
+    def _open_array(self, key: str, what: str) -> zarr.Array | ChunkCheckedArray:
+        """The array at ``key``; checked for lost chunk files when the case says all its chunks were written
+        (cases written before that was recorded, and arrays added later, are read as they are)."""
         try:
-            return open_volume_array(self.path / key)
+            array = open_volume_array(self.path / key)
         except Exception as error:
             raise DataError(f"case {self.name}: cannot open {what} array {self.path / key}: {error}") from error
+        if key in self.info.get("storage", {}).get(ALL_CHUNKS_WRITTEN, []):
+            return ChunkCheckedArray(array, f"case {self.name}: {what} array {self.path / key}")
+        return array
 
-    def _read(self, array: zarr.Array, what: str, start, size, pad_value) -> np.ndarray:
+    def _read(self, array: zarr.Array | ChunkCheckedArray, what: str, start, size, pad_value) -> np.ndarray:
         try:
             return read_region(array, start, size, pad_value)
         except DataError:
@@ -165,10 +181,22 @@ class CTDataset:
                 f"{self.path}: not an iunet3d dataset (its zarr.json lacks iunet3d attributes); "
                 "create one with `iunet3d convert` or `iunet3d synth`"
             )
+        listed = _listed_case_names(self.path, info)
+        if case_list_is_stale(self.path, listed):
+            complete = complete_case_paths(self.path)
+            warnings.warn(
+                f"{self.path}: its root lists {len(listed)} cases but {len(complete)} complete cases are on disk "
+                "(a conversion was interrupted?); using the cases on disk (the next `iunet3d convert` into it "
+                "rewrites the list)",
+                UserWarning,
+                stacklevel=2,
+            )
+            info = index_cases(self.path, dict(info), complete)
+            listed = [entry["name"] for entry in info["cases"]]
         self.info = info
         self.class_names: list[str] = list(info.get("class_names") or ["background"])
-        self.statistics: dict = info.get("statistics", {})
-        self.case_names: list[str] = [entry["name"] for entry in info.get("cases", [])]
+        self.statistics: dict = info.get("statistics") or {}
+        self.case_names: list[str] = listed
 
     def __repr__(self) -> str:
         return f"CTDataset({str(self.path)!r}, cases={len(self)}, classes={self.class_names})"
@@ -191,6 +219,80 @@ class CTDataset:
             shown = ", ".join(self.case_names[:10]) + (" ..." if len(self) > 10 else "")
             raise DataError(f"{self.path}: no case {name!r}; cases: {shown or '(none)'}")
         return CTCase(self.path / name)
+
+
+def _checked_case_name(path: Path, name: object) -> str:
+    """The case's ``iunet3d.name``: a valid case name (as on the command line) equal to its directory's name."""
+    try:
+        check_case_name(name)
+    except DataError as error:
+        raise DataError(
+            f"{path.parent}: case directory {path.name}: bad iunet3d.name in its zarr.json: {error}"
+        ) from None
+    if name != path.name:
+        raise DataError(
+            f"{path.parent}: case directory {path.name!r} says its name is {name!r} (iunet3d.name in its zarr.json); "
+            "a case's name must be its directory's name"
+        )
+    return name
+
+
+def _listed_case_names(path: Path, info: dict) -> list[str]:
+    """The names in the root's case list, each a valid case name (no paths: they are joined to ``path``)."""
+    cases = info.get("cases", [])
+    if not isinstance(cases, list) or not all(isinstance(entry, dict) for entry in cases):
+        raise DataError(f"{path}: iunet3d.cases in its zarr.json must be a list of case entries")
+    names = []
+    for entry in cases:
+        try:
+            names.append(check_case_name(entry.get("name")))
+        except DataError as error:
+            raise DataError(f"{path}: bad entry in the case list of its zarr.json: {error}") from None
+    return names
+
+
+def complete_case_paths(path: Path) -> list[Path]:
+    """The directories of ``path`` holding a complete case, sorted by name."""
+    return sorted(p for p in path.iterdir() if p.is_dir() and not p.name.startswith(".") and is_complete_case(p))
+
+
+def case_list_is_stale(path: Path, listed: Sequence[str]) -> bool:
+    """True when the case list ``listed`` of the root of ``path`` differs from the complete cases on disk (a
+    conversion killed between writing a case and updating the root). Cheap: one directory listing; only
+    directories the list lacks are opened."""
+    on_disk = {p.name for p in path.iterdir() if not p.name.startswith(".") and p.is_dir()}
+    if not set(listed) <= on_disk or len(set(listed)) != len(listed):
+        return True
+    return any(is_complete_case(path / name) for name in on_disk - set(listed))
+
+
+def index_cases(path: Path, info: dict, cases: Sequence[Path] | None = None) -> dict:
+    """``info`` (root attributes) with the case list, class names and statistics rebuilt from the complete
+    cases of ``path`` (or the given case directories)."""
+    entries, samples, max_label = [], [], 0
+    for case_path in complete_case_paths(path) if cases is None else cases:
+        case = CTCase(case_path)
+        entries.append(
+            {"name": case.name, "shape": list(case.shape), "spacing": list(case.spacing), "labels": case.label_names}
+        )
+        samples.append(case.foreground_intensities())
+        max_label = max(max_label, case.info.get("max_label") or 0)
+    class_names = info["class_names"] if info.get("class_names_given") else default_class_names(max_label)
+    shapes = [entry["shape"] for entry in entries]
+    return {
+        **info,
+        "kind": DATASET_KIND,
+        "format_version": 1,
+        "class_names": class_names,
+        "cases": entries,
+        "statistics": {
+            "cases": len(entries),
+            "spacing": spacing_statistics([e["spacing"] for e in entries]) if entries else None,
+            "shape_median": [int(v) for v in np.median(shapes, axis=0)] if entries else None,
+            "foreground_intensity": intensity_statistics(samples),
+        },
+        "zarr_version": zarr.__version__,
+    }
 
 
 def open_dataset(path: CTDataset | Path | str) -> CTDataset:

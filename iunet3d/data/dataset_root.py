@@ -1,8 +1,9 @@
 """Create a dataset root and rebuild its attributes (case list, class names, statistics) from its cases.
 
 The cases are the source of truth: the root is rebuilt from every complete case after each conversion,
-so a conversion killed between writing a case and updating the root loses nothing. The root's
-``zarr.json`` is replaced atomically.
+so a conversion killed between writing a case and updating the root loses nothing (and until then,
+``open_dataset`` notices the stale case list and uses the cases on disk). The root's ``zarr.json`` is
+replaced atomically.
 """
 
 from __future__ import annotations
@@ -10,17 +11,13 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import json
+import os
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-import numpy as np
-import zarr
-
-from iunet3d.data.case_writer import default_class_names
-from iunet3d.data.dataset import DATASET_KIND, CTCase, read_json_metadata
+from iunet3d.data.dataset import DATASET_KIND, CTCase, complete_case_paths, index_cases, read_json_metadata
 from iunet3d.data.errors import DataError
-from iunet3d.data.staging import is_complete_case, remove_partial_cases, write_text_atomically
-from iunet3d.data.statistics import intensity_statistics, spacing_statistics
+from iunet3d.data.staging import check_inside, remove_partial_cases, write_text_atomically
 
 
 def _write_root(path: Path, info: dict) -> None:
@@ -65,10 +62,6 @@ def dataset_lock(path: Path) -> Iterator[None]:
             fcntl.flock(lock, fcntl.LOCK_UN)
 
 
-def complete_case_paths(path: Path) -> list[Path]:
-    return sorted(p for p in path.iterdir() if p.is_dir() and not p.name.startswith(".") and is_complete_case(p))
-
-
 def prepare_dataset(path: Path, class_names: Sequence[str] | None) -> list[str] | None:
     """Write the root of a new dataset at ``path`` and remove leftovers of interrupted conversions.
 
@@ -99,35 +92,8 @@ def prepare_dataset(path: Path, class_names: Sequence[str] | None) -> list[str] 
 
 
 def refresh_dataset(path: Path) -> dict:
-    """Rebuild the root attributes from all complete cases; returns them."""
-    info = _read_root(path) or {"kind": DATASET_KIND}
-    cases = complete_case_paths(path)
-    entries, samples, max_label = [], [], 0
-    for case_path in cases:
-        case = CTCase(case_path)
-        entries.append(
-            {"name": case.name, "shape": list(case.shape), "spacing": list(case.spacing), "labels": case.label_names}
-        )
-        samples.append(case.foreground_intensities())
-        max_label = max(max_label, case.info.get("max_label") or 0)
-    class_names = default_class_names(max_label)
-    if info.get("class_names_given"):
-        class_names = info["class_names"]
-    info.update(
-        {
-            "kind": DATASET_KIND,
-            "format_version": 1,
-            "class_names": class_names,
-            "cases": entries,
-            "statistics": {
-                "cases": len(entries),
-                "spacing": spacing_statistics([e["spacing"] for e in entries]) if entries else None,
-                "shape_median": [int(v) for v in np.median([e["shape"] for e in entries], axis=0)] if entries else None,
-                "foreground_intensity": intensity_statistics(samples),
-            },
-            "zarr_version": zarr.__version__,
-        }
-    )
+    """Rebuild the root attributes from all complete cases and write them; returns them."""
+    info = index_cases(path, _read_root(path) or {"kind": DATASET_KIND})
     _write_root(path, info)
     return info
 
@@ -151,11 +117,35 @@ def writing_dataset(path: Path, class_names: Sequence[str] | None = None) -> Ite
     """Create or open the dataset at ``path`` for writing: holds its lock (a second writer fails at
     once), writes the root of a new dataset, removes leftovers of interrupted runs, and rebuilds the
     root from the complete cases when the block ends -- also after an error, since the cases are the
-    source of truth. The one way conversion and prediction write a dataset."""
+    source of truth. The one way conversion and prediction write a dataset.
+
+    A run that created the dataset and ends without a complete case in it removes what it wrote (root,
+    lock file, ``.partial``, and the directory if it made it): a failed first conversion leaves nothing
+    that would constrain the corrected rerun (e.g. its class names)."""
+    created_directory = not os.path.lexists(path)
     create_dataset_directory(path)
-    with dataset_lock(path):
-        writing = DatasetWriting(path, prepare_dataset(path, class_names))
-        try:
-            yield writing
-        finally:
-            writing.refresh()
+    try:
+        with dataset_lock(path):
+            created_root = not (path / "zarr.json").exists()
+            writing = DatasetWriting(path, None)
+            try:
+                writing.class_names = prepare_dataset(path, class_names)
+                yield writing
+            finally:
+                if not (created_root and _remove_if_empty(path)):
+                    writing.refresh()
+    finally:
+        if created_directory:
+            with contextlib.suppress(OSError):
+                path.rmdir()  # only if it is empty: what this run wrote is gone, and nothing else is there
+
+
+def _remove_if_empty(path: Path) -> bool:
+    """Remove the root, the lock file and ``.partial`` of a dataset this run created, if no case of it is
+    complete (call it holding the lock); returns whether it did."""
+    if complete_case_paths(path):
+        return False
+    remove_partial_cases(path)  # the dataset is this run's: whatever is staged there was staged by it
+    for name in ("zarr.json", LOCK_FILE):
+        check_inside(path / name, path, "dataset file").unlink(missing_ok=True)
+    return True

@@ -11,6 +11,7 @@ leftover that the next run of the same command removes.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 from collections.abc import Callable, Iterator
@@ -22,6 +23,7 @@ import zarr
 from iunet3d.data.errors import DataError
 
 PARTIAL_DIR = ".partial"
+REPLACED_PREFIX = ".replaced-"  #: ``.partial/.replaced-<case>``: a case being replaced, deleted right after
 TEMPORARY_PREFIX = ".tmp-"  #: temporary files are ``.tmp-<pid>-<final name>`` beside their final name
 
 
@@ -110,8 +112,13 @@ def is_complete_case(path: Path) -> bool:
 def staged_case(dataset: Path, name: str, *, copy_of: Path | None = None) -> Iterator[Path]:
     """The directory to write case ``name`` of ``dataset`` into: ``<dataset>/.partial/<name>``, empty or,
     with ``copy_of``, a copy of that case. When the block ends without an exception the case is marked
-    complete and renamed to ``<dataset>/<name>`` (replacing an incomplete leftover or an earlier output
-    of the same command); after an exception the partial directory stays for the next run to remove."""
+    complete and renamed to ``<dataset>/<name>``; after an exception the partial directory stays for the
+    next run to remove. Only an iunet3d case (an earlier output, complete or not) is ever replaced there:
+    anything else at ``<dataset>/<name>`` (a user's directory or file) is refused, before and after writing.
+    The old case is renamed aside and deleted after the new one is in place, so the name is never without
+    a case for longer than between two renames."""
+    final = check_inside(dataset / name, dataset, "case directory")
+    check_replaceable_case(final)
     partial = check_inside(dataset / PARTIAL_DIR / name, dataset, "staging directory")
     remove_tree(partial, dataset, "staging directory")
     partial.parent.mkdir(parents=True, exist_ok=True)
@@ -121,11 +128,34 @@ def staged_case(dataset: Path, name: str, *, copy_of: Path | None = None) -> Ite
     yield partial
     _set_complete(partial, True)
     final = check_inside(dataset / name, dataset, "case directory")
-    remove_tree(final, dataset, "case directory")
+    check_replaceable_case(final)
+    replaced = check_inside(partial.parent / f"{REPLACED_PREFIX}{name}", dataset, "staging directory")
+    remove_tree(replaced, dataset, "staging directory")
+    if final.exists():
+        os.replace(final, replaced)
     os.replace(partial, final)
     _fsync_directory(dataset)
+    remove_tree(replaced, dataset, "staging directory")
     with contextlib.suppress(OSError):  # other cases may still be in progress there
         partial.parent.rmdir()
+
+
+def check_replaceable_case(path: Path) -> None:
+    """Nothing at ``path``, or an iunet3d case directory (a ``zarr.json`` with iunet3d attributes) that a new
+    output of the same name may replace; else a DataError naming it (iunet3d never deletes a user's data)."""
+    if not os.path.lexists(path):
+        return
+    attributes = None
+    if path.is_dir() and not path.is_symlink():
+        try:
+            attributes = json.loads((path / "zarr.json").read_text()).get("attributes", {})
+        except (OSError, ValueError, AttributeError):
+            attributes = None
+    if not isinstance(attributes, dict) or not isinstance(attributes.get("iunet3d"), dict):
+        raise DataError(
+            f"{path}: exists and is not an iunet3d case (no zarr.json with iunet3d attributes); refusing to "
+            "replace it -- move it out of the dataset or choose another case name"
+        )
 
 
 def _set_complete(case: Path, complete: bool) -> None:

@@ -12,12 +12,18 @@ removes that overhead (``iunet3d bench read`` measures both). zarrs' thread pool
 ``fork``: a process that has read through it must start workers with ``spawn``/``forkserver`` (as
 ``PatchLoader`` does), or open the stores only inside the workers. A process forked after its parent used
 zarrs falls back to zarr-python's pipeline here, with a warning, instead of hanging.
+
+Every chunk of a volume is written, also those equal to the fill value (zarr skips them by default):
+zarr reads a missing chunk file as the fill value without a word, so only a store known to hold every
+chunk lets a ``ChunkCheckedArray`` tell a lost chunk file from air or background and fail instead.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import itertools
 import os
+import re
 import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -130,7 +136,8 @@ def create_volume_array(
     options: StorageOptions,
     fill_value: int = 0,
 ) -> zarr.Array:
-    """Write ``data`` (z, y, x) as array ``name`` of ``group`` with our chunking and codec."""
+    """Write ``data`` (z, y, x) as array ``name`` of ``group`` with our chunking and codec, every chunk
+    stored (also those equal to the fill value, so that a lost chunk file can be told from air)."""
     with codec_pipeline():
         array = group.create_array(
             name,
@@ -140,11 +147,143 @@ def create_volume_array(
             compressors=[blosc_codec(options, data.dtype)],
             fill_value=fill_value,
             dimension_names=["z", "y", "x"],
+            config={"write_empty_chunks": True},
         )
     depth = array.chunks[0]
-    for z in range(0, data.shape[0], depth):  # one chunk-row at a time: a reoriented (strided) view is
-        array[z : z + depth] = data[z : z + depth]  # copied a slab at a time, never as a whole
+    with zarrs_errors_as_os_errors(local_directory(array)):
+        for z in range(0, data.shape[0], depth):  # one chunk-row at a time: a reoriented (strided) view is
+            array[z : z + depth] = data[z : z + depth]  # copied a slab at a time, never as a whole
+        write_skipped_chunks(array)
     return array
+
+
+@contextmanager
+def zarrs_errors_as_os_errors(path: Path | None) -> Iterator[None]:
+    """zarrs reports a failed write as ``RuntimeError("No space left on device (os error 28)")``, without a
+    path; turn it into the OSError zarr-python would raise, naming ``path`` (the array being written)."""
+    try:
+        yield
+    except RuntimeError as error:
+        match = re.search(r"\(os error (\d+)\)", str(error))
+        if match is None:
+            raise
+        number = int(match.group(1))
+        raise OSError(number, os.strerror(number), str(path) if path is not None else None) from error
+
+
+def write_skipped_chunks(array: zarr.Array) -> None:
+    """Store the chunks of ``array`` that have no file yet (zarrs' pipeline skips chunks equal to the fill
+    value whatever ``write_empty_chunks`` says) as fill-value chunks, through zarr-python's pipeline. Call
+    it after writing all of ``array``; then every chunk file exists and a lost one can be detected."""
+    directory = local_directory(array)
+    if directory is None:
+        return
+    missing = [coords for coords in np.ndindex(*chunk_grid_shape(array)) if not _chunk_path(array, directory, coords)]
+    if not missing:
+        return
+    with codec_pipeline(fast=False):
+        writer = zarr.open_array(store=array.store, path=array.path, mode="r+").with_config(
+            {"write_empty_chunks": True}
+        )
+    for coords in missing:
+        writer[chunk_slices(array, coords)] = array.fill_value
+
+
+def local_directory(array: zarr.Array) -> Path | None:
+    """The directory holding ``array`` when it is stored in a local directory store, else None."""
+    root = getattr(array.store, "root", None)
+    return Path(root) / array.path if isinstance(root, Path) else None
+
+
+def chunk_grid_shape(array: zarr.Array) -> tuple[int, ...]:
+    """Number of stored chunk files (chunks, or shards when sharded) along each axis."""
+    grid = array.metadata.chunk_grid.chunk_shape
+    return tuple(-(-extent // size) for extent, size in zip(array.shape, grid, strict=True))
+
+
+def chunk_slices(array: zarr.Array, coords: Sequence[int]) -> tuple[slice, ...]:
+    grid = array.metadata.chunk_grid.chunk_shape
+    return tuple(slice(c * n, min((c + 1) * n, d)) for c, n, d in zip(coords, grid, array.shape, strict=True))
+
+
+def _chunk_path(array: zarr.Array, directory: Path, coords: Sequence[int]) -> str | None:
+    """The chunk file of ``coords`` if it exists, else None (its key follows the chunk key encoding)."""
+    path = os.path.join(directory, array.metadata.encode_chunk_key(tuple(coords)))
+    return path if os.path.isfile(path) else None
+
+
+class ChunkCheckedArray:
+    """A read-only stored (z, y, x) array whose chunks were all written: every read first checks that the
+    chunk files it touches exist. zarr reads a missing chunk as the fill value without a word (air or
+    background to training and prediction); here it fails naming ``what`` (case and array), the chunk
+    and the region. Indexing (``array[z0:z1, y0:y1, x0:x1]``, ``array[...]``), ``shape``, ``chunks``,
+    ``dtype`` and ``np.asarray(array)`` behave as on the zarr array.
+    """
+
+    def __init__(self, array: zarr.Array, what: str):
+        self.array, self.what = array, what
+        self.directory = local_directory(array)
+        self._grid = tuple(array.metadata.chunk_grid.chunk_shape)
+        self._paths: dict[tuple[int, ...], str] = {}  # chunk file of each chunk, once encoded (a few per chunk)
+
+    shape = property(lambda self: self.array.shape)
+    chunks = property(lambda self: self.array.chunks)
+    dtype = property(lambda self: self.array.dtype)
+    ndim = property(lambda self: self.array.ndim)
+    fill_value = property(lambda self: self.array.fill_value)
+
+    def __repr__(self) -> str:
+        return f"ChunkCheckedArray({self.what}, shape={self.shape}, chunks={self.chunks}, dtype={self.dtype})"
+
+    def __getitem__(self, selection):
+        self.check_region(selection_bounds(selection, self.shape))
+        return self.array[selection]
+
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        return np.asarray(self[...], dtype=dtype)
+
+    def check_region(self, bounds: Sequence[tuple[int, int]]) -> None:
+        """DataError unless every chunk file overlapping ``[low, high)`` along each axis exists."""
+        if self.directory is None or any(high <= low for low, high in bounds):
+            return
+        ranges = [range(low // n, (high - 1) // n + 1) for (low, high), n in zip(bounds, self._grid, strict=True)]
+        for coords in itertools.product(*ranges):
+            path = self._paths.get(coords)
+            if path is None:
+                path = self._paths[coords] = os.path.join(self.directory, self.array.metadata.encode_chunk_key(coords))
+            if not os.path.isfile(path):
+                region = ", ".join(f"{low}:{high}" for low, high in bounds)
+                key = self.array.metadata.encode_chunk_key(coords)
+                raise DataError(
+                    f"{self.what}: chunk file {key} is missing (reading region [{region}]); the store is damaged "
+                    f"and zarr would read it as {self.fill_value} -- restore it or convert the case again"
+                )
+
+
+def selection_bounds(selection, shape: Sequence[int]) -> list[tuple[int, int]]:
+    """Per axis, the range ``[low, high)`` of indices a basic selection (integers, slices, ``...``) touches;
+    any other selection is taken to touch the whole array (a superset: only a cost, never a false alarm)."""
+    items = selection if isinstance(selection, tuple) else (selection,)
+    if any(item is Ellipsis for item in items):
+        at = next(i for i, item in enumerate(items) if item is Ellipsis)
+        fill = (slice(None),) * (len(shape) - len(items) + 1)
+        items = items[:at] + fill + items[at + 1 :]
+    items = items + (slice(None),) * (len(shape) - len(items))
+    if len(items) != len(shape):
+        return [(0, extent) for extent in shape]
+    bounds = []
+    for item, extent in zip(items, shape, strict=True):
+        if isinstance(item, (int, np.integer)):
+            index = int(item) + extent if item < 0 else int(item)
+            bounds.append((index, index + 1))
+        elif isinstance(item, slice):
+            start, stop, step = item.indices(extent)
+            indices = range(start, stop, step)
+            ends = (indices[0], indices[-1]) if indices else (0, -1)
+            bounds.append((min(ends), max(ends) + 1) if indices else (0, 0))
+        else:
+            return [(0, extent) for extent in shape]
+    return bounds
 
 
 def region_slices(
@@ -175,11 +314,13 @@ def _check_pad_value(pad_value: float | int, dtype: np.dtype) -> None:
             )
 
 
-def read_region(array: zarr.Array, start: Sequence[int], size: Sequence[int], pad_value: float | int) -> np.ndarray:
+def read_region(
+    array: zarr.Array | ChunkCheckedArray, start: Sequence[int], size: Sequence[int], pad_value: float | int
+) -> np.ndarray:
     """Read region ``[start, start + size)`` of a (z, y, x) array; voxels outside it are ``pad_value``.
 
-    Only the chunks that intersect the region are read. ``start`` may be negative and the region may
-    extend beyond the volume (patches at the border).
+    Only the chunks that intersect the region are read (a ``ChunkCheckedArray`` first checks they exist).
+    ``start`` may be negative and the region may extend beyond the volume (patches at the border).
     """
     start = tuple(int(s) for s in start)
     size = tuple(int(s) for s in size)

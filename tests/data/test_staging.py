@@ -96,3 +96,36 @@ def test_a_symlinked_partial_directory_is_refused_and_its_target_untouched(tmp_p
 def test_paths_outside_the_dataset_are_refused(tmp_path, name):
     with pytest.raises(DataError, match="outside"):
         check_inside(tmp_path / "dataset" / name, tmp_path / "dataset")
+
+
+@pytest.mark.parametrize("kind", ["user directory", "user file", "other zarr group"])
+def test_only_an_iunet3d_case_is_ever_replaced_by_a_staged_case(tmp_path, kind):
+    final = tmp_path / "c1"
+    if kind == "user directory":
+        final.mkdir()
+        (final / "notes.txt").write_text("user data")
+    elif kind == "user file":
+        final.write_text("user data")
+    else:
+        zarr.open_group(final, mode="w", zarr_format=3, attributes={"someone": "else"})
+    before = sorted(p.name for p in tmp_path.rglob("*"))
+    with pytest.raises(DataError, match=f"{final}: exists and is not an iunet3d case"), staged_case(tmp_path, "c1"):
+        pass
+    assert sorted(p.name for p in tmp_path.rglob("*")) == before  # nothing deleted, nothing staged
+
+
+def test_a_user_directory_appearing_while_a_case_is_staged_is_not_replaced(tmp_path):
+    with pytest.raises(DataError, match="is not an iunet3d case"), staged_case(tmp_path, "c1") as partial:
+        _case(partial, {"name": "c1"})
+        (tmp_path / "c1").mkdir()
+        (tmp_path / "c1" / "notes.txt").write_text("user data")
+    assert (tmp_path / "c1" / "notes.txt").read_text() == "user data"
+
+
+def test_an_earlier_case_is_replaced_and_nothing_of_it_is_left(tmp_path):
+    with staged_case(tmp_path, "c1") as partial:
+        _case(partial, {"name": "c1", "try": 1})
+    with staged_case(tmp_path, "c1") as partial:
+        _case(partial, {"name": "c1", "try": 2})
+    assert zarr.open_group(tmp_path / "c1", mode="r").attrs["iunet3d"]["try"] == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c1"]  # no staging or replaced directory left
