@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import pickle
 import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -13,6 +12,7 @@ import torch
 
 from iunet3d.data.normalization import CTNormalization
 from iunet3d.infer.accumulator import MemoryAccumulator, ZarrAccumulator
+from iunet3d.infer.checkpoint_file import read_checkpoint
 from iunet3d.infer.memory_plan import MemoryPlan, plan_memory
 from iunet3d.infer.sliding_window import SlidingWindowPredictor, write_labels
 from iunet3d.models.segmentation import SegmentationIUNet
@@ -44,18 +44,16 @@ class TrainedModel:
 
 
 def load_trained_model(path: Path | str, device: torch.device | str = "cpu") -> TrainedModel:
-    """The network of the training checkpoint at ``path``; a file that is not one fails naming it."""
+    """The network of the training checkpoint at ``path``; a file that is not one fails naming it.
+
+    The file is read without running code (``read_checkpoint``): one that holds code or objects is refused.
+    """
     path = Path(path)
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=False)
-    except FileNotFoundError:
-        raise ValueError(f"{path}: no such checkpoint") from None
-    except (RuntimeError, EOFError, pickle.UnpicklingError) as error:
-        raise ValueError(f"{path}: not a readable checkpoint ({str(error).splitlines()[0]})") from None
+    state = read_checkpoint(path)
     required = ("model", "network", "class_names", "normalization", "patch_size")
-    missing = [key for key in required if key not in state] if isinstance(state, dict) else list(required)
+    missing = [key for key in required if key not in state]
     if missing:
-        raise ValueError(f"{path}: not an iunet3d training checkpoint (missing {', '.join(missing) or 'everything'})")
+        raise ValueError(f"{path}: not an iunet3d training checkpoint (missing {', '.join(missing)})")
     kwargs = dict(state["network"])
     network = SegmentationIUNet(**kwargs)
     network.load_state_dict(state["model"])

@@ -3,11 +3,13 @@
 A checkpoint is written atomically (``staging.atomic_write``: a hidden temporary file, flushed to disk
 and renamed), so a ``step-<N>.pt`` that exists is complete; the ``latest`` pointer is replaced the same
 way after it. A crash mid-write leaves at most a ``.tmp-*`` file, never read and removed by the next save.
+
+A checkpoint holds only tensors and plain values, and is read with ``weights_only=True``
+(``read_checkpoint``): a file that would need the full unpickler is refused, never run.
 """
 
 from __future__ import annotations
 
-import pickle
 import re
 import warnings
 from pathlib import Path
@@ -15,6 +17,7 @@ from pathlib import Path
 import torch
 
 from iunet3d.data.staging import TEMPORARY_PREFIX, atomic_write
+from iunet3d.infer.checkpoint_file import UnsafeCheckpointError, read_checkpoint
 
 CHECKPOINT_NAME = re.compile(r"^step-(\d+)\.pt$")
 
@@ -52,23 +55,34 @@ class CheckpointManager:
         return path
 
     def load_latest(self) -> tuple[Path, dict] | None:
-        """The newest checkpoint that loads, and its state; None if there is none.
+        """The newest checkpoint that loads, and its state; None if there is no checkpoint file.
 
         Saves are atomic, so a ``step-<N>.pt`` is complete unless the disk corrupted it; such a file is
-        skipped with a warning and the one before it is used.
+        skipped with a warning and the one before it is used. A file that holds code or objects
+        (``UnsafeCheckpointError``) stops the search: it is never skipped silently. Checkpoint files of
+        which none loads are a ``ValueError`` naming each, not a fresh start.
         """
+        unreadable = []
         for step in reversed(self.steps()):
             path = checkpoint_path(self.directory, step)
             try:
                 return path, load_checkpoint(path)
-            except (OSError, RuntimeError, EOFError, ValueError, pickle.UnpicklingError) as error:
+            except UnsafeCheckpointError:
+                raise
+            except ValueError as error:
                 warnings.warn(f"{path}: unreadable checkpoint skipped ({error})", stacklevel=2)
+                unreadable.append(f"{path.name} ({str(error).removeprefix(f'{path}: ')})")
+        if unreadable:
+            raise ValueError(
+                f"{self.directory}: no checkpoint is readable: {'; '.join(unreadable)}; move them away to start "
+                "the run again from step 0, or use another run.dir"
+            )
         return None
 
 
-def load_checkpoint(path: Path | str, map_location: str | torch.device = "cpu") -> dict:
-    """A checkpoint's state (it holds the config and numpy RNG state, hence ``weights_only=False``)."""
-    state = torch.load(path, map_location=map_location, weights_only=False)
-    if not isinstance(state, dict) or "model" not in state or "step" not in state:
+def load_checkpoint(path: Path | str) -> dict:
+    """A checkpoint's state, read without running code (``read_checkpoint``), with tensors on the CPU."""
+    state = read_checkpoint(path)
+    if "model" not in state or "step" not in state:
         raise ValueError(f"{path}: not an iunet3d checkpoint (no 'model' and 'step')")
     return state

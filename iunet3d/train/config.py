@@ -6,13 +6,13 @@ Every component receives its own section, never the whole config. Load with ``lo
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from iunet3d.infer.windows import check_overlap
 from iunet3d.patches.augmentation import AugmentationConfig
-from iunet3d.train.toml_config import load_config
+from iunet3d.train.toml_config import ConfigError, from_dict, load_config, to_dict
 from iunet3d.train.wandb_logger import WandbConfig
 
 PRECISIONS = ("bf16", "fp16", "fp32")
@@ -211,3 +211,58 @@ class TrainingConfig:
 def load_training_config(path: Path | str | None, overrides: Sequence[str] = ()) -> TrainingConfig:
     """The config in ``path`` (TOML) with ``section.key=value`` overrides applied, fully checked."""
     return load_config(TrainingConfig, path, overrides)
+
+
+#: The keys whose value may differ between a checkpoint's config and the config that resumes it
+#: (``section.*``: the whole section). They say where the run lives, how long it runs, how often it logs,
+#: checks its health, validates and saves, how many loader processes feed it, and how it reports to W&B;
+#: they change neither the network, nor the optimisation, nor which patches a step sees. A changed value
+#: takes effect from the resumed step (a changed ``train.steps`` also stretches or shortens the rest of the
+#: learning-rate decay). Every other key must equal the checkpoint's, or the resume is refused.
+RESUME_MAY_CHANGE = (
+    "run.dir",
+    "data.num_workers",
+    "train.steps",
+    "train.checkpoint_every",
+    "train.keep_checkpoints",
+    "train.log_every",
+    "train.health_every",
+    "train.health_threshold",
+    "validation.every",
+    "validation.batch_size",
+    "validation.max_memory_mb",
+    "wandb.*",
+)
+
+
+def may_change_on_resume(key: str) -> bool:
+    """Whether ``section.key`` is in ``RESUME_MAY_CHANGE``."""
+    return key in RESUME_MAY_CHANGE or f"{key.partition('.')[0]}.*" in RESUME_MAY_CHANGE
+
+
+def check_resume_config(saved: Mapping | None, config: TrainingConfig, source: str) -> None:
+    """Refuse to resume from a checkpoint (``source``, its saved config ``saved``) with ``config`` when a key
+    outside ``RESUME_MAY_CHANGE`` differs; the ``ValueError`` lists each as ``key: saved -> new``."""
+    if not isinstance(saved, Mapping):
+        raise ValueError(f"{source}: holds no config, so a resume cannot be checked against it; use another run.dir")
+    try:
+        before = to_dict(from_dict(TrainingConfig, saved, f"{source} (its config)"))
+    except ConfigError as error:
+        raise ValueError(f"{source}: its config does not fit this version of iunet3d ({error})") from None
+    after = to_dict(config)
+    changed = [
+        f"{section}.{key}: {_shown(value)} -> {_shown(after[section][key])}"
+        for section, values in before.items()
+        for key, value in values.items()
+        if value != after[section][key] and not may_change_on_resume(f"{section}.{key}")
+    ]
+    if changed:
+        raise ValueError(
+            f"{source}: the config differs from the checkpoint's in keys that may not change on resume: "
+            f"{'; '.join(changed)}. Set them back, or start a new run with another run.dir (keys that may "
+            f"change: {', '.join(RESUME_MAY_CHANGE)})"
+        )
+
+
+def _shown(value) -> str:
+    return repr(value) if isinstance(value, str) or value is None else str(value)

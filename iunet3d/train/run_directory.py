@@ -1,6 +1,8 @@
 """A run's directory: its resolved config, its identity (W&B run id, git revision) and its summary.
 
-<run dir>/config.toml       the resolved config of the latest start (every override applied)
+<run dir>/config.toml       the resolved config of the latest start (every override applied), written once the
+                            start is accepted: a resume whose config differs from its checkpoint's in a key
+                            outside ``config.RESUME_MAY_CHANGE`` is refused before anything is written
 <run dir>/run.json          W&B run id and git revision, written at the first start, kept on restarts
 <run dir>/summary.json      final metrics, written when the run completes
 <run dir>/checkpoints/      step-<N>.pt (see checkpoint.py)
@@ -31,6 +33,9 @@ def git_revision() -> str | None:
 
 def prepare_run_directory(run_dir: Path, config) -> dict:
     """Create the run directory (main rank only), save the resolved config, return the run identity.
+
+    Call it only once the start is accepted (for a resume: once its config has been checked against the
+    checkpoint's), so that a refused start leaves the directory as it was.
 
     The identity (``wandb_id``, ``git_revision``) is created at the first start and reused afterwards,
     so a run restarted before its first checkpoint still continues the same W&B run.

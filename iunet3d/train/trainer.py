@@ -10,10 +10,8 @@ from __future__ import annotations
 import contextlib
 import math
 import os
-import random
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
@@ -23,11 +21,12 @@ from iunet3d.models.precision import autocast_dtype_for
 from iunet3d.models.segmentation import SegmentationIUNet
 from iunet3d.patches import split_cases
 from iunet3d.train.checkpoint import CheckpointManager, load_checkpoint
-from iunet3d.train.config import TrainingConfig
+from iunet3d.train.config import TrainingConfig, check_resume_config
 from iunet3d.train.health import InvertibilityMonitor
 from iunet3d.train.loss import DiceCELoss
 from iunet3d.train.patch_validation import PatchValidator
 from iunet3d.train.preemption import PreemptionFlag
+from iunet3d.train.rng_state import capture_rng_state, restore_rng_state
 from iunet3d.train.run_directory import prepare_run_directory, write_summary
 from iunet3d.train.schedule import build_scheduler
 from iunet3d.train.throughput import ThroughputMeter
@@ -63,6 +62,8 @@ class Trainer:
         self.config, self.distributed = config, distributed
         self.run_dir = Path(config.run.dir)
         data, train = config.data, config.train
+        self.checkpoints = CheckpointManager(self.run_dir / "checkpoints", keep=train.keep_checkpoints)
+        resume_from = self._find_checkpoint()  # a refused resume stops here, before anything is written
         try:
             self.dataset = open_dataset(data.dataset)
         except ValueError as error:
@@ -95,10 +96,10 @@ class Trainer:
         self.scaler = torch.amp.GradScaler("cuda", enabled=on_cuda and train.precision == "fp16")
         self.loader = self._patch_loader(train_cases, pin_memory=on_cuda)
         self.validator = self._validator(validation_cases) if validation_cases else None
-        self.checkpoints = CheckpointManager(self.run_dir / "checkpoints", keep=train.keep_checkpoints)
         self.step = 0
         self.identity = self._prepare_run()
-        self._resume()
+        if resume_from is not None:
+            self._resume(*resume_from)
         self.logger = create_logger(
             config.wandb, self.run_dir, {**to_dict(config), "git_revision": self.identity.get("git_revision")},
             self.identity["wandb_id"], self.step, distributed.rank,
@@ -242,7 +243,7 @@ class Trainer:
 
     def save_checkpoint(self) -> Path | None:
         """All ranks call this (RNG states are gathered); the main rank writes."""
-        rng_states = self.distributed.gather_objects(_rng_state(self.device))
+        rng_states = self.distributed.gather_objects(capture_rng_state(self.device))
         path = None
         if self.distributed.is_main:
             path = self.checkpoints.save(self.step, {
@@ -269,13 +270,29 @@ class Trainer:
         identity = prepare_run_directory(self.run_dir, self.config) if self.distributed.is_main else None
         return self.distributed.broadcast_object(identity)
 
-    def _resume(self) -> None:
-        """Continue from the newest complete checkpoint: rank 0 picks it, every rank loads that file."""
-        found = self.checkpoints.load_latest() if self.distributed.is_main else None
-        path = self.distributed.broadcast_object(None if found is None else str(found[0]))
+    def _find_checkpoint(self) -> tuple[str, dict] | None:
+        """The newest readable checkpoint of the run directory and its state on every rank, or None.
+
+        Rank 0 picks it and checks that this start's config may resume it (``check_resume_config``); a
+        refusal, or checkpoint files of which none is readable, reach every rank as the same error.
+        """
+        found, refusal = None, None
+        if self.distributed.is_main:
+            try:
+                found = self.checkpoints.load_latest()
+                if found is not None:
+                    check_resume_config(found[1].get("config"), self.config, f"checkpoint {found[0]}")
+            except ValueError as error:
+                refusal = str(error)
+        path, refusal = self.distributed.broadcast_object((None if found is None else str(found[0]), refusal))
+        if refusal is not None:
+            raise TrainingError(refusal)
         if path is None:
-            return
-        state = found[1] if found is not None else load_checkpoint(path)
+            return None
+        return path, found[1] if found is not None else load_checkpoint(path)
+
+    def _resume(self, path: str, state: dict) -> None:
+        """Continue from the checkpoint ``_find_checkpoint`` picked (the same file on every rank)."""
         check_classes(self.config, state.get("class_names", []), f"checkpoint {path}")
         if list(state.get("class_names", [])) != list(self.dataset.class_names):
             raise TrainingError(f"checkpoint {path}: classes {state.get('class_names')} differ from the dataset's "
@@ -287,11 +304,16 @@ class Trainer:
                                 f"({str(error).splitlines()[0]})") from None  # fmt: skip
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
+        # The next step's LR from this start's schedule (the same value unless train.steps changed on resume).
+        epoch = self.scheduler.last_epoch
+        for group, base_lr, factor in zip(self.optimizer.param_groups, self.scheduler.base_lrs,
+                                          self.scheduler.lr_lambdas, strict=True):  # fmt: skip
+            group["lr"] = base_lr * factor(epoch)
         self.scaler.load_state_dict(state["scaler"])
         self.loader.load_state_dict(state["data"])
         rng = state.get("rng") or []
         if len(rng) == self.distributed.world_size:
-            _set_rng_state(rng[self.distributed.rank], self.device)
+            restore_rng_state(rng[self.distributed.rank], self.device)
         self.step = int(state["step"])
         self.identity = {**self.identity, "wandb_id": state.get("wandb_id") or self.identity["wandb_id"]}
         self._say(f"resumed from {path} at step {self.step}")
@@ -339,18 +361,3 @@ class Trainer:
         if every_rank or self.distributed.is_main:
             prefix = f"[rank {self.distributed.rank}] " if every_rank else ""
             print(f"{prefix}{text}", flush=True)
-
-
-def _rng_state(device: torch.device) -> dict:
-    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
-    if device.type == "cuda":
-        state["cuda"] = torch.cuda.get_rng_state(device)
-    return state
-
-
-def _set_rng_state(state: dict, device: torch.device) -> None:
-    torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
-    if device.type == "cuda" and "cuda" in state:
-        torch.cuda.set_rng_state(state["cuda"], device)

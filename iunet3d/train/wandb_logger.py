@@ -12,6 +12,7 @@ import os
 import secrets
 import shlex
 import string
+import time
 import warnings
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
@@ -34,6 +35,9 @@ class WandbConfig:
     group: str | None = None
     tags: tuple[str, ...] = ()
     image_panels: int = 2  #: segmentation panels (middle slices) logged per validation; 0: none
+    #: seconds ``wandb.init`` may take (online: until the server answers); then one warning, and training goes on
+    #: without W&B
+    init_timeout: float = 30.0
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -47,6 +51,8 @@ class WandbConfig:
                 raise ValueError(f"wandb.tags[{i}]: expected a string of 1 to 64 characters, got {tag!r}")
         if self.image_panels < 0:
             raise ValueError(f"wandb.image_panels: expected an integer >= 0, got {self.image_panels}")
+        if not self.init_timeout > 0:
+            raise ValueError(f"wandb.init_timeout: expected a positive number of seconds, got {self.init_timeout}")
 
 
 def resolve_mode(config: WandbConfig) -> str:
@@ -164,6 +170,7 @@ class WandbLogger(MetricLogger):
         self._failed = False
         self._min_step = resume_step
         self._warned_step = False
+        started = time.monotonic()
         try:
             import wandb
 
@@ -174,13 +181,16 @@ class WandbLogger(MetricLogger):
                 id=run_id or generate_run_id(), resume="allow", mode=self.mode,
                 # console="off": no stdout/stderr capture (torchrun and tqdm own the terminal);
                 # finish_previous: never get back another run still active in this process.
-                settings=wandb.Settings(console="off", reinit="finish_previous"),
+                settings=wandb.Settings(console="off", reinit="finish_previous", init_timeout=config.init_timeout),
             )  # fmt: skip
             self._run_id = self._run.id
             # Online resume: W&B continues after its last step, so earlier ones would be dropped.
             self._min_step = max(resume_step, int(getattr(self._run, "starting_step", 0) or 0))
         except Exception as error:
-            self._fail("could not start a run", error)
+            what = "could not start a run"
+            if time.monotonic() - started >= config.init_timeout:
+                what += f" within wandb.init_timeout = {config.init_timeout:g} s"
+            self._fail(what, error)
 
     @property
     def run_id(self) -> str | None:

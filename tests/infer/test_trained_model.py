@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 import torch
 import zarr
 
+from iunet3d.cli import main
 from iunet3d.data import open_dataset
+from iunet3d.infer.checkpoint_file import read_checkpoint
 from iunet3d.infer.trained_model import load_trained_model, predict_volume
 from tests.helpers.train import train_tiny_checkpoint
+from tests.helpers.unsafe_pickle import write_bare_pickle, write_code_checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -25,6 +30,7 @@ def test_a_checkpoint_restores_the_trained_network_and_what_prediction_needs(tra
     assert model.normalization == trainer.normalization
     for name, value in trainer.network.state_dict().items():
         assert torch.equal(model.network.state_dict()[name], value), name
+    assert torch.load(checkpoint, weights_only=True)["step"] == 3  # tensors and plain values only: no code to run
 
 
 def test_streamed_and_in_memory_prediction_give_the_same_labels_of_a_whole_case(trained, tmp_path):
@@ -56,3 +62,22 @@ def test_inputs_that_do_not_fit_the_checkpoint_are_named(trained, tmp_path):
     torch.save({"step": 1}, tmp_path / "other.pt")
     with pytest.raises(ValueError, match="other.pt: not an iunet3d training checkpoint"):
         load_trained_model(tmp_path / "other.pt")
+
+
+@pytest.mark.parametrize("kind", ["a real checkpoint with one more key", "a crafted pickle"])
+def test_a_checkpoint_that_holds_code_is_refused_by_load_trained_model_and_predict(trained, tmp_path, capsys, kind):
+    dataset, checkpoint, _ = trained
+    marker, path = tmp_path / "marker", tmp_path / "step-3.pt"
+    if kind == "a crafted pickle":
+        write_bare_pickle(path, marker)
+    else:
+        write_code_checkpoint(path, marker, read_checkpoint(checkpoint))
+    with pytest.raises(ValueError, match=f"^{re.escape(str(path))}: refuses to unpickle code/objects"):
+        load_trained_model(path)
+    with pytest.raises(SystemExit) as exited:
+        main(["predict", "--no-progress", "--checkpoint", str(path), "--input", str(dataset), "--out",
+              str(tmp_path / "out")])  # fmt: skip
+    error = capsys.readouterr().err
+    assert exited.value.code == 2 and len(error.strip().splitlines()) == 1, error
+    assert error.startswith(f"iunet3d: error: {path}: refuses to unpickle code/objects")
+    assert not marker.exists()

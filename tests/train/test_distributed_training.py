@@ -180,7 +180,7 @@ def test_whole_volume_validation_sums_both_ranks_held_out_cases(demo):
 def test_the_offline_wandb_run_holds_the_logged_keys_at_their_steps(demo):
     run_dir = demo[0] / "run"
     (run_id,) = read_offline_run_ids(run_dir)
-    assert run_id == torch.load(run_dir / "checkpoints" / "step-6.pt", weights_only=False)["wandb_id"]
+    assert run_id == torch.load(run_dir / "checkpoints" / "step-6.pt", weights_only=True)["wandb_id"]
     history = read_offline_history(run_dir, run_id)
     steps_with = lambda key: sorted(row["_step"] for row in history if key in row)  # noqa: E731
     assert steps_with("train/loss") == list(range(1, STEPS + 1))  # train.log_every = 1

@@ -11,6 +11,7 @@ import torch
 from iunet3d.data import CTNormalization, open_dataset
 from iunet3d.data.staging import TEMPORARY_PREFIX
 from iunet3d.distributed import Distributed
+from iunet3d.infer.checkpoint_file import UnsafeCheckpointError
 from iunet3d.infer.dice import confusion_counts, dice_scores, mean_dice
 from iunet3d.models.segmentation import SegmentationIUNet
 from iunet3d.train.checkpoint import CheckpointManager, load_checkpoint
@@ -21,6 +22,7 @@ from iunet3d.train.schedule import lr_factor
 from iunet3d.train.validator import Validator
 from iunet3d.train.volume_validation import VolumeValidator
 from tests.helpers.train import tiny_dataset
+from tests.helpers.unsafe_pickle import write_code_checkpoint
 
 CLASSES = ["background", "liver", "kidney", "lesion"]
 
@@ -157,6 +159,24 @@ def test_a_corrupted_newest_checkpoint_is_skipped_with_a_warning(tmp_path):
         path, state = manager.load_latest()
     assert path.name == "step-1.pt" and state["step"] == 1
     assert CheckpointManager(tmp_path / "empty").load_latest() is None
+
+
+def test_a_checkpoint_holding_code_is_never_skipped_and_unreadable_checkpoints_alone_are_an_error(tmp_path):
+    manager = CheckpointManager(tmp_path, keep=3)
+    manager.save(1, {"step": 1, "model": {}})
+    (tmp_path / "step-2.pt").write_bytes(b"not a checkpoint")
+    write_code_checkpoint(tmp_path / "step-3.pt", tmp_path / "marker")
+    with pytest.raises(UnsafeCheckpointError, match=r"step-3\.pt: refuses to unpickle code/objects"):
+        manager.load_latest()  # not skipped for step 1: a file holding code must be looked at
+    assert not (tmp_path / "marker").exists()
+    (tmp_path / "step-3.pt").unlink()
+    (tmp_path / "step-1.pt").write_bytes(b"")
+    with pytest.warns(UserWarning), pytest.raises(ValueError) as unreadable:
+        manager.load_latest()
+    assert str(unreadable.value).startswith(
+        f"{tmp_path}: no checkpoint is readable: step-2.pt (not a readable checkpoint (Unsupported operand 110)); "
+        "step-1.pt (not a readable checkpoint (the file ends early: empty or truncated)); "
+    )
 
 
 def test_the_segmentation_network_maps_images_to_class_logits_and_trains_every_parameter():

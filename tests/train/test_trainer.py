@@ -41,7 +41,7 @@ def test_a_run_saves_complete_checkpoints_config_identity_and_summary(dataset, t
     trainer, summary = train(config)
     checkpoints = tmp_path / "run" / "checkpoints"
     assert sorted(p.name for p in checkpoints.iterdir()) == ["latest", "step-2.pt", "step-4.pt"]
-    state = torch.load(checkpoints / "step-4.pt", weights_only=False)
+    state = torch.load(checkpoints / "step-4.pt", weights_only=True)  # tensors and plain values: no code to run
     for key in ("model", "step", "optimizer", "scheduler", "scaler", "data", "rng", "config", "wandb_id",
                 "class_names", "normalization"):  # fmt: skip
         assert key in state, key
@@ -111,11 +111,15 @@ def test_a_dataset_with_other_classes_than_the_config_expects_is_named(tmp_path,
 
 def test_a_run_directory_from_another_dataset_is_refused_on_resume(dataset, tmp_path):
     train(tiny_config(dataset, tmp_path / "run", "train.steps=1", "validation.every=0"))
+    saved = (tmp_path / "run" / "config.toml").read_bytes()
     other = tiny_dataset(tmp_path / "two_classes", cases=2, shape=(8, 32, 32), class_names=("background", "organ"))
     config = tiny_config(other, tmp_path / "run", "train.steps=2", "data.classes=['background', 'organ']",
                          "data.class_weights=[1.0]")  # fmt: skip
-    with pytest.raises(TrainingError, match=r"checkpoint .*step-1.pt: has 4 classes"):
+    with pytest.raises(TrainingError, match=r"checkpoint .*step-1.pt: the config differs") as refused:
         train(config)
+    assert f"data.dataset: '{dataset}' -> '{other}'; " in str(refused.value)
+    assert "data.classes: ['background', 'liver', 'kidney', 'lesion'] -> ['background', 'organ']" in str(refused.value)
+    assert (tmp_path / "run" / "config.toml").read_bytes() == saved
 
 
 def test_patch_validation_panels_are_the_middle_slices_of_the_validation_patches(dataset, tmp_path):

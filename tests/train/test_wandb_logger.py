@@ -2,18 +2,24 @@
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import json
 import re
 import shlex
+import socket
 import subprocess
 import sys
+import threading
+import time
 import warnings
 
 import numpy as np
 import pytest
 from PIL import Image
 
+from iunet3d.distributed import Distributed
+from iunet3d.train.trainer import Trainer
 from iunet3d.train.wandb_logger import (
     NullLogger,
     SegmentationPanel,
@@ -22,6 +28,7 @@ from iunet3d.train.wandb_logger import (
     create_logger,
     resolve_mode,
 )
+from tests.helpers.train import tiny_config, tiny_dataset
 from tests.helpers.wandb_records import (
     read_offline_config,
     read_offline_history,
@@ -170,7 +177,8 @@ def test_segmentation_panels_are_logged_as_images_with_ground_truth_and_predicti
 @pytest.mark.parametrize(
     ("kwargs", "field"),
     [({"mode": "sometimes"}, "wandb.mode"), ({"project": "a/b"}, "wandb.project"), ({"project": ""}, "wandb.project"),
-     ({"tags": ("ok", "")}, "wandb.tags[1]"), ({"image_panels": -1}, "wandb.image_panels")],
+     ({"tags": ("ok", "")}, "wandb.tags[1]"), ({"image_panels": -1}, "wandb.image_panels"),
+     ({"init_timeout": 0.0}, "wandb.init_timeout")],
 )  # fmt: skip
 def test_config_errors_name_the_field(kwargs, field):
     with pytest.raises(ValueError, match=f"^{re.escape(field)}: "):
@@ -255,3 +263,48 @@ def test_other_ranks_and_disabled_mode_get_a_null_logger_without_importing_wandb
     assert result.stdout.split() == ["NullLogger", "NullLogger", "None", "None", "False"]
     assert list(tmp_path.iterdir()) == [tmp_path / "home"]  # nothing written
     assert isinstance(create_logger(OFFLINE, tmp_path, {}, rank=3), NullLogger)
+
+
+@pytest.fixture
+def silent_server():
+    """A local HTTP address whose server accepts connections and never answers: (its URL, the connections)."""
+    server = socket.create_server(("127.0.0.1", 0))
+    server.settimeout(0.1)
+    connections, stop = [], threading.Event()
+
+    def accept() -> None:
+        while not stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                connections.append(server.accept()[0])
+
+    thread = threading.Thread(target=accept, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.getsockname()[1]}", connections
+    stop.set()
+    thread.join()
+    for connection in connections:
+        connection.close()
+    server.close()
+
+
+@pytest.mark.slow
+def test_a_wandb_server_that_never_answers_delays_training_by_at_most_init_timeout(tmp_path, monkeypatch,
+                                                                                   silent_server):  # fmt: skip
+    url, connections = silent_server
+    monkeypatch.setenv("WANDB_API_KEY", "0123456789abcdef0123456789abcdef01234567")
+    monkeypatch.setenv("WANDB_BASE_URL", url)
+    dataset = tiny_dataset(tmp_path / "data", cases=2, shape=(8, 32, 32))
+    config = tiny_config(dataset, tmp_path / "run", "train.steps=1", "data.validation_cases=0", "wandb.mode=online",
+                         "wandb.init_timeout=3")  # fmt: skip
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        started = time.monotonic()
+        trainer = Trainer(config, Distributed())
+        waited = time.monotonic() - started
+        summary = trainer.fit()
+    assert connections  # wandb did reach the server, which never answered
+    assert waited < 45  # wandb's own default waits 90 s
+    messages = captured_wandb_warnings(caught)
+    assert len(messages) == 1, messages
+    assert messages[0].startswith("W&B: could not start a run within wandb.init_timeout = 3 s (")
+    assert summary["completed"] and "wandb_mode" not in summary
