@@ -24,10 +24,11 @@ import numpy as np
 import zarr
 
 from iunet3d.data import ome
+from iunet3d.data.case_writer import ALL_CHUNKS_WRITTEN
 from iunet3d.data.dataset import DATASET_KIND, CTCase, read_json_metadata
 from iunet3d.data.errors import DataError
 from iunet3d.data.staging import check_inside, remove_tree, staged_case, write_text_atomically
-from iunet3d.data.storage import StorageOptions, blosc_codec, chunk_shape, codec_pipeline
+from iunet3d.data.storage import StorageOptions, blosc_codec, chunk_shape, codec_pipeline, write_skipped_chunks
 
 PREDICTION = "prediction"
 PROBABILITIES = "probabilities"  #: ``<case>/probabilities/0``: float16 (K, D, H, W) softmax, OME channel image
@@ -70,6 +71,7 @@ def write_prediction_case(
             chances = _create_probabilities(partial / PROBABILITIES, source, class_names, options, record)
         fill(label, chances)
         info = {key: value for key, value in info.items() if key != RECORD}  # an input's own record is not ours
+        info["storage"] = _with_checked_arrays(info.get("storage", {}), _store_every_chunk(label, chances))
         case.update_attributes({"iunet3d": {**info, "labels": names, **({RECORD: record} if record else {})}})
     return out / source.name
 
@@ -95,11 +97,12 @@ def write_prediction_in_place(
     if probabilities:
         chances = _create_probabilities(_staging(slots[1], "partial"), source, class_names, options, record)
     fill(label, chances)
+    written = _store_every_chunk(label, chances)
     names = [name for name in source.label_names if name != PREDICTION]
-    _list_labels(case, names, None)  # from here until listed again, the case claims no prediction
+    _list_labels(case, names, None, [])  # from here until listed again, the case claims no prediction
     for slot in slots:
         _swap(*slot, dataset, new=slot[1] == PREDICTION or probabilities)
-    _list_labels(case, [*names, PREDICTION], record)
+    _list_labels(case, [*names, PREDICTION], record, written)
     for slot in slots:
         _remove(_staging(slot, "old"), dataset)
     return case
@@ -224,8 +227,28 @@ def _remove(path: Path, dataset: Path) -> None:
         path.unlink()
 
 
-def _list_labels(case: Path, names: list[str], record: dict | None) -> None:
-    """Atomically rewrite the labels group's OME list, then (last) the case's own label list and record."""
+PREDICTION_ARRAYS = (f"labels/{PREDICTION}/{ome.LEVEL_PATH}", f"{PROBABILITIES}/{ome.LEVEL_PATH}")
+
+
+def _store_every_chunk(label: zarr.Array, chances: zarr.Array | None) -> list[str]:
+    """Write the chunks the prediction skipped (all background) so that every chunk file exists and a
+    lost one is detected when read; returns the arrays' paths within the case."""
+    write_skipped_chunks(label)
+    if chances is not None:
+        write_skipped_chunks(chances)
+    return list(PREDICTION_ARRAYS[: 1 if chances is None else 2])
+
+
+def _with_checked_arrays(storage: dict, written: list[str]) -> dict:
+    """The case's storage attributes with the prediction arrays listed as storing every chunk exactly
+    when they are ``written`` (the other arrays' entries unchanged)."""
+    kept = [key for key in storage.get(ALL_CHUNKS_WRITTEN, []) if key not in PREDICTION_ARRAYS]
+    return {**storage, ALL_CHUNKS_WRITTEN: kept + written}
+
+
+def _list_labels(case: Path, names: list[str], record: dict | None, written: list[str]) -> None:
+    """Atomically rewrite the labels group's OME list, then (last) the case's own label list, record and
+    checked arrays."""
     labels = case / "labels"
     if names or (labels / "zarr.json").exists():
         check_inside(labels / "zarr.json", case, "labels metadata")
@@ -235,6 +258,7 @@ def _list_labels(case: Path, names: list[str], record: dict | None) -> None:
     metadata = _metadata(check_inside(case / "zarr.json", case, "case metadata"))
     info = {key: value for key, value in metadata["attributes"]["iunet3d"].items() if key != RECORD}
     info["labels"] = names
+    info["storage"] = _with_checked_arrays(info.get("storage", {}), written)
     if record is not None:
         info[RECORD] = record
     metadata["attributes"]["iunet3d"] = info

@@ -18,7 +18,7 @@ import zarr
 from ome_zarr_models.v05 import Image, ImageLabel, Labels
 
 from iunet3d.cli import main
-from iunet3d.data import export_case, open_dataset
+from iunet3d.data import DataError, export_case, open_dataset
 from iunet3d.infer.case_metrics import case_metrics
 from iunet3d.infer.trained_model import load_trained_model, predict_volume
 from tests.helpers.train import REPO, tiny_dataset, train_tiny_checkpoint
@@ -293,3 +293,21 @@ def test_predicting_into_the_input_survives_kills_at_every_step(trained, tmp_pat
     final = {case.name: np.asarray(case.label_array("prediction")[...]) for case in open_dataset(data)}
     assert set(final) == {"case_0", "case_1", "case_2"} and all(np.array_equal(final[n], p) for n, p in seen)
     assert not [p for p in data.rglob(".*") if p.name not in ("zarr.json", ".lock")]  # no leftovers
+
+
+def test_a_lost_chunk_of_a_stored_prediction_is_detected_when_read(trained, tmp_path):
+    """Predictions store every chunk (also all-background ones), so a lost chunk file is an error, not
+    background."""
+    dataset, checkpoint = trained
+    out = tmp_path / "out"
+    predict("--checkpoint", str(checkpoint), "--input", str(dataset), "--out", str(out), "--case", "case_0",
+            "--probabilities")  # fmt: skip
+    case = open_dataset(out).case("case_0")
+    for array in ("labels/prediction/0", "probabilities/0"):
+        chunk_files = sorted(p for p in (case.path / array / "c").rglob("*") if p.is_file())
+        grid = zarr.open_array(case.path / array, mode="r").cdata_shape
+        assert len(chunk_files) == int(np.prod(grid))  # every chunk stored
+    case.label_array("prediction")[...]  # whole: reads
+    next(p for p in sorted((case.path / "labels/prediction/0/c").rglob("*")) if p.is_file()).unlink()
+    with pytest.raises(DataError, match="case_0.*prediction.*missing"):
+        case.label_array("prediction")[...]
