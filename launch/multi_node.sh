@@ -4,6 +4,9 @@
 # run.dir must be on a file system that every node sees (checkpoints are written by global rank 0 and read
 # by all ranks on resume). A failed worker restarts the whole job (MAX_RESTARTS, default 3) from the latest
 # checkpoint; NNODES=MIN:MAX allows an elastic node count.
+# SIGTERM to torchrun (its process group, as `timeout` and shells send it, or torchrun alone): every rank
+# stops after the same step with a checkpoint and exits 0, within TORCH_ELASTIC_SHUTDOWN_TIMEOUT seconds
+# (default 30; torchrun then SIGKILLs the ranks); torchrun itself then exits 1.
 set -euo pipefail
 config=${1:?usage: launch/multi_node.sh CONFIG [--set section.key=value ...]}
 shift

@@ -3,6 +3,9 @@
 #   launch/single_node.sh CONFIG [--set section.key=value ...]
 #   NPROC=4 launch/single_node.sh configs/ct_anisotropic.toml --set run.dir=runs/a
 # A worker that fails is restarted (MAX_RESTARTS, default 3) and the run resumes from its latest checkpoint.
+# SIGTERM to torchrun (its process group, as `timeout` and shells send it, or torchrun alone): every rank
+# stops after the same step with a checkpoint and exits 0, within TORCH_ELASTIC_SHUTDOWN_TIMEOUT seconds
+# (default 30; torchrun then SIGKILLs the ranks); torchrun itself then exits 1.
 set -euo pipefail
 config=${1:?usage: launch/single_node.sh CONFIG [--set section.key=value ...]}
 shift

@@ -2,11 +2,22 @@
 
 Workers are started with ``spawn`` by default: zarrs' thread pool does not survive ``fork`` (see
 ``data/storage.py``), and every worker opens the stores itself (cases pickle as paths).
+
+Workers ignore SIGTERM and SIGINT and leave shutdown to their rank. SLURM, ``timeout``, a shell and
+torchrun's agent signal a whole process group or job, so the workers get the signal with their rank; a worker
+killed by it would fail the rank ("DataLoader worker ... killed by signal: Terminated") before the rank saves
+its preemption checkpoint. The rank stops its workers when it closes the loader or exits. The shield is up
+once a worker runs its ``worker_init_fn``, a few seconds after the rank starts it (spawn imports torch first).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+import atexit
+import multiprocessing
+import os
+import signal
+import weakref
+from collections.abc import Callable, Iterator, Mapping
 
 from torch.utils.data import DataLoader
 
@@ -15,6 +26,60 @@ from iunet3d.patches.patch_stream import PatchStream
 from iunet3d.patches.validation_patches import ValidationPatches
 
 START_METHODS = ("spawn", "forkserver", "fork")
+
+#: The signals a DataLoader worker ignores, leaving them to its rank.
+WORKER_IGNORED_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+_workers_to_kill_at_exit: weakref.WeakSet = weakref.WeakSet()
+_exit_hook_owner: list[int] = []  # the process that registered the exit hook (a forked child inherits it)
+
+
+class ShieldedWorkerInit:
+    """``worker_init_fn`` that makes the worker ignore ``WORKER_IGNORED_SIGNALS``, then calls ``then(worker_id)``
+    if given. Picklable (spawned workers receive it by pickle) when ``then`` is."""
+
+    def __init__(self, then: Callable[[int], None] | None = None):
+        self.then = then
+
+    def __call__(self, worker_id: int) -> None:
+        for number in WORKER_IGNORED_SIGNALS:
+            signal.signal(number, signal.SIG_IGN)
+        if self.then is not None:
+            self.then(worker_id)
+
+
+def _kill_workers_left_at_exit() -> None:
+    """Workers still running at interpreter exit (a loader that was never closed): multiprocessing's own exit
+    hook (which runs after this one) stops them with SIGTERM, which they ignore, and then waits for them
+    forever. Kill them instead; they only prefetch batches."""
+    if _exit_hook_owner != [os.getpid()]:
+        return
+    alive = [process for process in _workers_to_kill_at_exit if process.is_alive()]
+    if alive:
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # torch's handler would report them as failed workers
+    for process in alive:
+        process.kill()
+        process.join(timeout=5)
+
+
+class ShieldedDataLoader(DataLoader):
+    """A DataLoader whose workers ignore SIGTERM and SIGINT (see the module docstring).
+
+    ``worker_init_fn``, if given, still runs in every worker, after the signals are ignored.
+    """
+
+    def __init__(self, *args, worker_init_fn: Callable[[int], None] | None = None, **kwargs):
+        super().__init__(*args, worker_init_fn=ShieldedWorkerInit(worker_init_fn), **kwargs)
+
+    def __iter__(self):
+        before = set(multiprocessing.active_children())
+        iterator = super().__iter__()  # starts the workers (once, with persistent workers)
+        started = set(multiprocessing.active_children()) - before
+        if started and _exit_hook_owner != [os.getpid()]:
+            _exit_hook_owner[:] = [os.getpid()]
+            atexit.register(_kill_workers_left_at_exit)  # after multiprocessing's hook, so it runs before it
+        _workers_to_kill_at_exit.update(started)
+        return iterator
 
 
 def _check_loader_arguments(batch_size: int, num_workers: int, multiprocessing_context: str) -> None:
@@ -48,6 +113,8 @@ class PatchLoader:
     """Batches of a ``PatchStream``: ``image`` (B, 1, D, H, W), ``label`` (B, D, H, W), ``case`` (B names),
     ``location`` (B, 3), ``index`` (B,).
 
+    Workers ignore SIGTERM and SIGINT (``ShieldedDataLoader``); a ``worker_init_fn`` still runs in each.
+
     The stream's ``block_size`` is set to ``batch_size`` so that the batches come in the stream's order
     whatever ``num_workers`` is; ``state_dict`` is the stream position after the delivered batches, so a
     restored loader continues with exactly the next batch.
@@ -63,12 +130,14 @@ class PatchLoader:
         persistent_workers: bool = True,
         prefetch_factor: int = 2,
         multiprocessing_context: str = "spawn",
+        worker_init_fn: Callable[[int], None] | None = None,
     ):
         _check_loader_arguments(batch_size, num_workers, multiprocessing_context)
         stream.block_size = batch_size
         self.stream = stream
         self.batch_size = batch_size
         self._options = {"batch_size": batch_size, "num_workers": num_workers, "pin_memory": pin_memory,
+                         "worker_init_fn": worker_init_fn,
                          **_worker_options(num_workers, multiprocessing_context, prefetch_factor,
                                            persistent_workers)}  # fmt: skip
         self._loader: DataLoader | None = None
@@ -80,7 +149,7 @@ class PatchLoader:
 
     def __next__(self) -> dict:
         if self._iterator is None:
-            self._loader = DataLoader(self.stream, **self._options)
+            self._loader = ShieldedDataLoader(self.stream, **self._options)
             self._iterator = iter(self._loader)
         try:
             batch = next(self._iterator)
@@ -121,9 +190,10 @@ def validation_loader(
     persistent_workers: bool = True,
     multiprocessing_context: str = "spawn",
 ) -> DataLoader:
-    """A DataLoader over this rank's validation patches, always in the same order."""
+    """A DataLoader over this rank's validation patches, always in the same order; its workers ignore SIGTERM
+    and SIGINT."""
     _check_loader_arguments(batch_size, num_workers, multiprocessing_context)
     options = _worker_options(num_workers, multiprocessing_context, 2, persistent_workers)
-    return DataLoader(
+    return ShieldedDataLoader(
         patches, batch_size=batch_size, shuffle=False, num_workers=num_workers, pin_memory=pin_memory, **options
     )

@@ -1,4 +1,18 @@
-"""SIGTERM (preemption) as a flag the training loop polls, so every rank stops at the same step."""
+"""SIGTERM (preemption) as a flag the training loop polls, so every rank stops at the same step.
+
+Under torchrun the signal reaches a rank in one of two ways, and both end with a checkpoint:
+
+- Sent to the torchrun agent (its process group: SLURM, ``timeout``, a shell; or the agent alone:
+  Kubernetes, ``kill``): the agent forwards it to the process group of each rank (torchrun starts every
+  rank in a session of its own), waits up to ``TORCH_ELASTIC_SHUTDOWN_TIMEOUT`` seconds (torchrun's
+  ``--shutdown-timeout``, default 30) for the ranks to exit, SIGKILLs those left, and then exits 1 itself
+  (an uncaught ``SignalException``), although every rank exited 0. Raise the timeout if a step plus a
+  checkpoint can take longer.
+- Sent to every process of the job (SLURM with cgroups): a rank may get it twice, which is harmless.
+
+Either way each rank's DataLoader workers get it too; they ignore it (``patches/patch_loader.py``) and are
+stopped by their rank, which closes its loader when it stops.
+"""
 
 from __future__ import annotations
 
