@@ -165,7 +165,7 @@ class Trainer:
                 if self.step % train.log_every == 0 or self.step == train.steps:
                     self.logger.log(meter.collect(self.scheduler.get_last_lr()[0]), self.step)
                     self._say(meter.last_line(self.step, train.steps))
-                validating = self._validation_due()
+                validating = self._validation_due() and not preempted  # a stopping job saves at once
                 if self.health.due(self.step, validating):
                     self.logger.log(self.health.check(self.network, self.last_image, self.step), self.step)
                 if validating:
