@@ -196,6 +196,10 @@ def test_write_and_read_failures_are_one_line_errors_naming_the_case(trained, tm
     code, error = run_cli([*base, "--case", "case_2", "--out", str(tmp_path / "out2")], capsys)
     assert code == 2 and "\n" not in error and "case case_2: reading its image" in error
     assert "the store may be corrupted" in error
+    lost = copy_dataset(trained, tmp_path / "lost")
+    next(p for p in (lost / "case_0" / "0" / "c").rglob("*") if p.is_file()).unlink()  # would read as air
+    code, error = run_cli([*base[:-1], str(lost), "--case", "case_0", "--out", str(tmp_path / "out3")], capsys)
+    assert code == 2 and "\n" not in error and "case case_0" in error and "is missing" in error
 
 
 def ground_truth(dataset) -> dict[str, bytes | None]:
