@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import iunet3d
+from tests.helpers.cli import run_cli
 
 PACKAGE = pathlib.Path(iunet3d.__file__).parent
 FORBIDDEN = ("zarr", "torchio", "wandb", "iunet3d.data", "iunet3d.train", "iunet3d.infer")
@@ -149,12 +150,10 @@ def test_memcnn_is_imported_only_by_its_engine_and_its_deprecation_warnings_are_
     assert result.stderr.count("Warning") == 1, result.stderr
 
 
-def test_cli_reports_bad_arguments_without_traceback():
-    result = subprocess.run([sys.executable, "-m", "iunet3d", "bench", "memory", "--depths", "2"],
-                            capture_output=True, text=True)  # fmt: skip
-    assert result.returncode == 2
-    assert "iunet3d: error: --depths: depth 2 must be >= levels=3" in result.stderr
-    assert "Traceback" not in result.stderr
+def test_cli_reports_bad_arguments_without_traceback(capsys):
+    code, error = run_cli(["bench", "memory", "--depths", "2"], capsys)
+    assert code == 2
+    assert error.startswith("iunet3d: error: --depths: depth 2 must be >= levels=3") and "\n" not in error
 
 
 def test_ruff_clean():

@@ -75,6 +75,8 @@ class ShieldedDataLoader(DataLoader):
         before = set(multiprocessing.active_children())
         iterator = super().__iter__()  # starts the workers (once, with persistent workers)
         started = set(multiprocessing.active_children()) - before
+        for worker in getattr(iterator, "_workers", []):  # torch ends a worker that will not stop with
+            worker.terminate = worker.kill  # terminate(), i.e. SIGTERM, which ours ignore: SIGKILL instead
         if started and _exit_hook_owner != [os.getpid()]:
             _exit_hook_owner[:] = [os.getpid()]
             atexit.register(_kill_workers_left_at_exit)  # after multiprocessing's hook, so it runs before it

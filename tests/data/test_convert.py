@@ -15,6 +15,7 @@ from ome_zarr_models.v05 import Image, ImageLabel
 
 from iunet3d.data import CaseJob, DataError, export_case, open_dataset, pair_case_files, run_conversion
 from iunet3d.data.dataset_root import dataset_lock
+from tests.helpers.cli import run_cli
 from tests.helpers.data import oblique_affine, random_ct, save_nifti, write_dicom_series
 
 SHAPE_IJK = (20, 26, 18)  # file order; axis i is the coarse one
@@ -290,13 +291,11 @@ def test_other_formats_simpleitk_reads_convert_too(tmp_path):
     np.testing.assert_array_equal(case.image_array[...], image)
 
 
-def test_cli_output_path_problems_are_one_line_errors(tmp_path):
+def test_cli_output_path_problems_are_one_line_errors(tmp_path, capsys):
     image, _ = random_ct((10, 12, 14))
     _write(tmp_path / "img.nii.gz", image)
     (tmp_path / "a_file").write_text("x")
     for out in (tmp_path / "a_file", tmp_path / "a_file" / "sub"):
-        result = subprocess.run(
-            [sys.executable, "-m", "iunet3d", "convert", "--image", str(tmp_path / "img.nii.gz"), "--case", "c",
-             "--out", str(out), "--no-progress"], capture_output=True, text=True)  # fmt: skip
-        assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
-        assert f"{out}: " in result.stderr and len(result.stderr.strip().splitlines()) == 1
+        code, error = run_cli(["convert", "--image", tmp_path / "img.nii.gz", "--case", "c", "--out", out,
+                               "--no-progress"], capsys)  # fmt: skip
+        assert code == 2 and f"{out}: " in error and "\n" not in error, error

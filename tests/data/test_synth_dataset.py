@@ -10,6 +10,7 @@ import zarr
 from ome_zarr_models.v05 import Image, ImageLabel
 
 from iunet3d.data import export_case, open_dataset
+from tests.helpers.cli import run_cli
 
 
 def synth(out, *extra):
@@ -58,11 +59,9 @@ def test_a_synthetic_case_exports_with_its_spacing(tmp_path):
     np.testing.assert_array_equal(sitk.GetArrayFromImage(image), stored)
 
 
-def test_synth_rejects_bad_arguments_by_name(tmp_path):
-    result = synth(tmp_path / "a", "--cases", "0")
-    assert result.returncode == 2 and "--cases: expected a positive number" in result.stderr
-    result = subprocess.run(
-        [sys.executable, "-m", "iunet3d", "synth", "--out", str(tmp_path / "b"), "--cases", "1",
-         "--spacing", "0", "1", "1"], capture_output=True, text=True)  # fmt: skip
-    assert result.returncode == 2 and "spacing must be 3 positive finite floats" in result.stderr
-    assert not (tmp_path / "b").exists()
+def test_synth_rejects_bad_arguments_by_name(tmp_path, capsys):
+    code, error = run_cli(["synth", "--out", tmp_path / "a", "--shape", "24", "48", "48", "--cases", "0"], capsys)
+    assert code == 2 and "--cases: expected a positive number" in error and "\n" not in error
+    code, error = run_cli(["synth", "--out", tmp_path / "b", "--cases", "1", "--spacing", "0", "1", "1"], capsys)
+    assert code == 2 and "spacing must be 3 positive finite floats" in error and "\n" not in error
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()

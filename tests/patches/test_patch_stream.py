@@ -292,6 +292,7 @@ def _read_in_forked_child(path, queue) -> None:
     queue.put((sample["image"].numpy(), [str(w.message) for w in caught]))
 
 
+@pytest.mark.slow  # forks the whole test process: ~10 s once the quick set has loaded everything
 def test_a_process_forked_after_zarrs_was_used_reads_through_zarr_python_instead_of_hanging(phantoms):
     expected = stream(phantoms).sample(0)["image"].numpy()  # this process now uses zarrs' thread pool
     context = multiprocessing.get_context("fork")
