@@ -46,8 +46,8 @@ def read_checkpoint(path: Path | str) -> dict:
             what = f"it needs {unsafe.group(1)}" if unsafe else "a bare pickle stream, not a torch.save file"
             raise UnsafeCheckpointError(
                 f"{path}: refuses to unpickle code/objects ({what}); an iunet3d checkpoint holds only tensors and "
-                "plain values (checkpoints written before safe loading are refused too: load such a file with "
-                "torch.load(weights_only=False) only if you trust where it came from)"
+                "plain values (checkpoints written before safe loading are refused too: train again, or resume from "
+                "a checkpoint written by this version)"
             ) from None
         raise ValueError(f"{path}: not a readable checkpoint ({_detail(error)})") from None
     except (RuntimeError, EOFError) as error:

@@ -65,10 +65,8 @@ def write_prediction_case(
         for parent, name in ((labels, PREDICTION), (case, PROBABILITIES)):
             if name in parent:
                 del parent[name]
-        label = _create_label(partial / "labels" / PREDICTION, source, class_names, options, record)
-        chances = None
-        if probabilities:
-            chances = _create_probabilities(partial / PROBABILITIES, source, class_names, options, record)
+        label, chances = _create_outputs(partial / "labels" / PREDICTION, partial / PROBABILITIES, probabilities,
+                                         source, class_names, options, record)  # fmt: skip
         fill(label, chances)
         info = {key: value for key, value in info.items() if key != RECORD}  # an input's own record is not ours
         info["storage"] = _with_checked_arrays(info.get("storage", {}), _store_every_chunk(label, chances))
@@ -92,10 +90,8 @@ def write_prediction_in_place(
     slots = [(check_inside(case / "labels", dataset), PREDICTION), (case, PROBABILITIES)]
     for parent, name in slots:
         _recover(parent, name, dataset)
-    label = _create_label(_staging(slots[0], "partial"), source, class_names, options, record)
-    chances = None
-    if probabilities:
-        chances = _create_probabilities(_staging(slots[1], "partial"), source, class_names, options, record)
+    label, chances = _create_outputs(_staging(slots[0], "partial"), _staging(slots[1], "partial"), probabilities,
+                                     source, class_names, options, record)  # fmt: skip
     fill(label, chances)
     written = _store_every_chunk(label, chances)
     names = [name for name in source.label_names if name != PREDICTION]
@@ -167,6 +163,15 @@ def _record_of(path: Path) -> dict | None:
 def prediction_chunks(source: CTCase, options: StorageOptions | None = None) -> tuple[int, ...]:
     """The chunks of a case's prediction label (as of its image, for the case's shape and spacing)."""
     return chunk_shape(source.shape, source.spacing, options or StorageOptions())
+
+
+def _create_outputs(label_path: Path, probability_path: Path, probabilities: bool, source: CTCase, class_names,
+                    options: StorageOptions, record) -> tuple[zarr.Array, zarr.Array | None]:  # fmt: skip
+    """The empty prediction label at ``label_path`` and, with ``probabilities``, the probability array."""
+    label = _create_label(label_path, source, class_names, options, record)
+    if not probabilities:
+        return label, None
+    return label, _create_probabilities(probability_path, source, class_names, options, record)
 
 
 def _create_label(path: Path, source: CTCase, class_names, options: StorageOptions, record) -> zarr.Array:

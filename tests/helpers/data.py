@@ -6,12 +6,12 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
-import SimpleITK as sitk
 
 from iunet3d.data.case_writer import CaseVolume, write_case
 from iunet3d.data.dataset_root import create_dataset_directory, prepare_dataset, refresh_dataset
 from iunet3d.data.orientation import Geometry
 from iunet3d.data.storage import StorageOptions
+from tests.helpers.dicom import write_dicom_slices
 
 IDENTITY = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0)
 
@@ -46,31 +46,10 @@ def save_nifti(path: Path, array: np.ndarray, affine: np.ndarray) -> Path:
 
 
 def write_dicom_series(directory: Path, volume_zyx: np.ndarray, spacing_xyz, origin_xyz) -> Path:
-    """A CT series, one file per slice, written by SimpleITK with the tags GDCM needs to stack it."""
-    directory.mkdir(parents=True)
-    image = sitk.GetImageFromArray(volume_zyx)
-    image.SetSpacing(spacing_xyz)
-    image.SetOrigin(origin_xyz)
-    writer = sitk.ImageFileWriter()
-    writer.KeepOriginalImageUIDOn()
-    series_uid = "1.2.826.0.1.3680043.2.1125.1.42"
-    for z in range(image.GetDepth()):
-        plane = image[:, :, z]
-        for tag, value in {
-            "0008|0060": "CT",
-            "0020|000d": "1.2.826.0.1.3680043.2.1125.1.41",
-            "0020|000e": series_uid,
-            "0020|0037": "1\\0\\0\\0\\1\\0",
-            "0020|0032": "\\".join(str(v) for v in image.TransformIndexToPhysicalPoint((0, 0, z))),
-            "0020|0013": str(z + 1),
-            "0018|0050": str(spacing_xyz[2]),
-            "0028|1052": "0",
-            "0028|1053": "1",
-        }.items():
-            plane.SetMetaData(tag, value)
-        writer.SetFileName(str(directory / f"slice_{z:03d}.dcm"))
-        writer.Execute(plane)
-    return directory
+    """An axial CT series, one file per slice, written by SimpleITK with the tags GDCM needs to stack it."""
+    x, y, z = origin_xyz
+    positions = [(x, y, z + k * spacing_xyz[2]) for k in range(volume_zyx.shape[0])]
+    return write_dicom_slices(directory, volume_zyx, tuple(spacing_xyz[:2]), positions)
 
 
 def store_case(

@@ -131,7 +131,7 @@ def test_sigterm_saves_one_checkpoint_at_an_agreed_step_ends_every_process_and_t
     assert len(steps) == 1 and SIGNAL_AFTER <= steps[0] < STEPS, steps
     stopped = steps[0]
     assert f"SIGTERM: stopped at step {stopped} after saving a checkpoint" in output
-    state = torch.load(run_dir / "checkpoints" / f"step-{stopped}.pt", weights_only=False)
+    state = torch.load(run_dir / "checkpoints" / f"step-{stopped}.pt", weights_only=True)
     assert state["step"] == stopped and len(state["rng"]) == 2  # both ranks took part in the save at that step
     summary = (run_dir / "summary.json").read_text()
     assert '"stopped_by": "SIGTERM"' in summary and f'"step": {stopped}' in summary
@@ -145,7 +145,7 @@ def test_sigterm_saves_one_checkpoint_at_an_agreed_step_ends_every_process_and_t
     assert resumed.returncode == 0, output[-3000:]
     assert f"resumed from {run_dir / 'checkpoints' / f'step-{stopped}.pt'} at step {stopped}" in output
     assert CheckpointManager(run_dir / "checkpoints").steps() == [stopped, STEPS]
-    assert torch.load(run_dir / "checkpoints" / f"step-{STEPS}.pt", weights_only=False)["step"] == STEPS
+    assert torch.load(run_dir / "checkpoints" / f"step-{STEPS}.pt", weights_only=True)["step"] == STEPS
     assert '"completed": true' in (run_dir / "summary.json").read_text()
 
 
