@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from pathlib import Path
+
+import numpy as np
 
 from iunet3d.data.convert import CaseJob, ConversionReport, default_workers, pair_case_files, run_conversion
 from iunet3d.data.errors import DataError
@@ -106,9 +109,68 @@ def add_synth_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, required=True, help="dataset directory (created if absent)")
     parser.add_argument("--cases", type=int, required=True, help="number of synthetic cases")
     parser.add_argument("--shape", type=int, nargs=3, default=DEFAULT_SHAPE, metavar=("D", "H", "W"))
-    parser.add_argument("--spacing", type=float, nargs=3, default=DEFAULT_SPACING, metavar=("Z", "Y", "X"))
+    parser.add_argument(
+        "--spacing",
+        type=float,
+        nargs=3,
+        default=DEFAULT_SPACING,
+        metavar=("Z", "Y", "X"),
+        help="voxel size in mm; with --shape it sets the field of view that every case keeps",
+    )
+    slices = parser.add_mutually_exclusive_group()
+    slices.add_argument(
+        "--slice-thickness",
+        type=float,
+        nargs="+",
+        metavar="T",
+        help="z spacings in mm for a dataset of mixed spacings: case i takes T[i %% count] (in-plane spacing stays "
+        "--spacing's Y X; the number of slices follows from the field of view)",
+    )
+    slices.add_argument(
+        "--spacing-range",
+        type=float,
+        nargs=2,
+        metavar=("LOW", "HIGH"),
+        help="z spacing of each case drawn uniformly from [LOW, HIGH] mm (from (seed, i): reruns are identical)",
+    )
     parser.add_argument("--seed", type=int, default=0, help="case i is generated from (seed, i)")
     _add_storage_arguments(parser)
+
+
+def _positive_mm(values, what: str, expected: str = "positive numbers in mm") -> list[float]:
+    if not values or not all(math.isfinite(v) and v > 0 for v in values):
+        raise DataError(f"{what}: expected {expected}, got {' '.join(f'{v:g}' for v in values)}")
+    return [float(v) for v in values]
+
+
+def synth_z_spacings(args: argparse.Namespace) -> list[float]:
+    """The z spacing (mm) of each of ``args.cases`` synthetic cases: ``--spacing``'s, one of
+    ``--slice-thickness`` in turn, or a uniform draw from ``--spacing-range`` by a generator of (seed, i)
+    (a child stream, so it does not share draws with the phantom's own generator of (seed, i))."""
+    if args.slice_thickness is not None:
+        thickness = _positive_mm(args.slice_thickness, "--slice-thickness")
+        return [thickness[i % len(thickness)] for i in range(args.cases)]
+    if args.spacing_range is not None:
+        low, high = _positive_mm(args.spacing_range, "--spacing-range", "LOW HIGH in mm with 0 < LOW <= HIGH")
+        if low > high:
+            raise DataError(f"--spacing-range: expected LOW HIGH in mm with 0 < LOW <= HIGH, got {low:g} {high:g}")
+        return [
+            float(np.random.default_rng(np.random.SeedSequence([args.seed, i], spawn_key=(0,))).uniform(low, high))
+            for i in range(args.cases)
+        ]
+    return [float(args.spacing[0])] * args.cases
+
+
+def synth_case_options(args: argparse.Namespace) -> list[dict]:
+    """``make_phantom`` options of each case: ``--shape`` x ``--spacing`` is the field of view every case keeps,
+    so a case of z spacing t has ``max(8, round(D * Z / t))`` slices (the anatomy is built in mm, scaled to it)."""
+    (depth, height, width), (z, y, x) = args.shape, args.spacing
+    options = []
+    for i, t in enumerate(synth_z_spacings(args)):
+        options.append(
+            {"shape": [max(8, round(depth * z / t)), height, width], "spacing": [t, y, x], "seed": [args.seed, i]}
+        )
+    return options
 
 
 def run_synth(args: argparse.Namespace) -> int:
@@ -119,10 +181,9 @@ def run_synth(args: argparse.Namespace) -> int:
     make_phantom(shape=(8, 8, 8), spacing=args.spacing, seed=0)  # validates --spacing before any work
     if min(args.shape) < 8:
         raise DataError(f"--shape: expected three sizes >= 8, got {args.shape}")
-    jobs = [
-        CaseJob(case=f"synth_{i:03d}", synthetic={"shape": args.shape, "spacing": args.spacing, "seed": [args.seed, i]})
-        for i in range(args.cases)
-    ]
+    if args.seed < 0:
+        raise DataError(f"--seed: expected a non-negative integer, got {args.seed}")
+    jobs = [CaseJob(case=f"synth_{i:03d}", synthetic=options) for i, options in enumerate(synth_case_options(args))]
     report = run_conversion(
         jobs,
         args.out,
@@ -163,7 +224,8 @@ def run_info(args: argparse.Namespace) -> int:
     print(f"{dataset.path}: {len(dataset)} cases, classes: {', '.join(dataset.class_names)}")
     statistics = dataset.statistics
     if statistics.get("spacing"):
-        print(f"  spacing median (z, y, x) mm: {statistics['spacing']['median']}")
+        print(f"  spacing median (z, y, x) mm: {_millimetres(statistics['spacing']['median'])}")
+        _print_target_spacing(statistics["spacing"], [entry["spacing"] for entry in dataset.info.get("cases", [])])
     if statistics.get("foreground_intensity"):
         hu = statistics["foreground_intensity"]
         print(
@@ -175,3 +237,22 @@ def run_info(args: argparse.Namespace) -> int:
         spacing = "x".join(f"{s:.3g}" for s in entry["spacing"])
         print(f"  {entry['name']:<24} {shape:>14}  {spacing:>16} mm  labels: {', '.join(entry['labels']) or '-'}")
     return 0
+
+
+def _print_target_spacing(statistics: dict, spacings: list) -> None:
+    """The spacing the target spacing "auto" chooses, whether cases are resampled to it, and the spacing range."""
+    from iunet3d.data.resampling import auto_target_spacing, resolve_target_spacing, same_spacing
+
+    target = auto_target_spacing(statistics)
+    resampled = bool(spacings) and resolve_target_spacing("auto", spacings) is not None
+    note = "cases are resampled to it" if resampled else "every case has it: patches are read natively"
+    print(f'  target spacing "auto" (z, y, x) mm: {_millimetres(target)}  ({note})')
+    if spacings and not all(same_spacing(spacing, spacings[0]) for spacing in spacings):
+        ranges = ", ".join(
+            f"{low:.4g}..{high:.4g}" for low, high in zip(statistics["min"], statistics["max"], strict=True)
+        )
+        print(f"  spacing range (z, y, x) mm: {ranges}")
+
+
+def _millimetres(values) -> str:
+    return "[" + ", ".join(f"{v:.4g}" for v in values) + "]"

@@ -84,6 +84,12 @@ def resolve_target_spacing(value, spacings: Sequence[Sequence[float]], what: str
     return None if all(same_spacing(spacing, target) for spacing in spacings) else target
 
 
+def dataset_target_spacing(dataset, value) -> tuple[float, float, float] | None:
+    """``value`` (``"native"``, ``"auto"`` or [z, y, x] mm) resolved for a ``CTDataset`` (all its cases' spacings,
+    as listed in its root): a spacing, or None for the cases' own voxels."""
+    return resolve_target_spacing(value, [entry["spacing"] for entry in dataset.info.get("cases", [])])
+
+
 def resampled_shape(shape: Sequence[int], spacing: Sequence[float], target: Sequence[float]) -> tuple[int, ...]:
     """The voxel count per axis of a volume of ``shape`` at ``spacing`` resampled to ``target`` (>= 1 each)."""
     return tuple(max(1, round(n * s / t)) for n, s, t in zip(shape, spacing, target, strict=True))
@@ -98,7 +104,7 @@ def input_range(coordinates: np.ndarray, in_size: int, order: str) -> tuple[int,
     """The input voxels [low, high) that interpolating at ``coordinates`` reads (clipped to the input)."""
     before, after = _TAPS[order]
     if order == "nearest":
-        low, high = np.rint(coordinates.min()), np.rint(coordinates.max())
+        low, high = _nearest_index(coordinates.min()), _nearest_index(coordinates.max())
     else:
         low, high = np.floor(coordinates.min()) - before, np.floor(coordinates.max()) + after
     return int(np.clip(low, 0, in_size - 1)), int(np.clip(high, 0, in_size - 1)) + 1
@@ -111,7 +117,7 @@ def interpolate_axis(array: np.ndarray, axis: int, coordinates: np.ndarray, orde
     """
     size = array.shape[axis]
     if order == "nearest":
-        return np.take(array, np.clip(np.rint(coordinates).astype(np.int64), 0, size - 1), axis=axis)
+        return np.take(array, np.clip(_nearest_index(coordinates), 0, size - 1), axis=axis)
     floor = np.floor(coordinates)
     fraction = (coordinates - floor).astype(np.float32)
     floor = floor.astype(np.int64)
@@ -129,6 +135,13 @@ def interpolate_axis(array: np.ndarray, axis: int, coordinates: np.ndarray, orde
         term = taken * weight.reshape(shape)
         out = term if out is None else out + term
     return out
+
+
+def _nearest_index(coordinates) -> np.ndarray:
+    """The nearest voxel index, halves rounded up: unlike np.rint (halves to even) the same voxel whatever
+    integer offset the coordinates are taken relative to, so region reads agree with whole-volume reads."""
+    floor = np.floor(coordinates)
+    return (floor + (coordinates - floor >= 0.5)).astype(np.int64)
 
 
 def _keys_weights(t: np.ndarray) -> tuple[np.ndarray, ...]:
