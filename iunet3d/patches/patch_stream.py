@@ -11,7 +11,9 @@ the DataLoader hands batches out. Hence:
 - resuming after ``n`` patches only needs ``n`` (``state_dict``/``load_state_dict``, or ``start_at``).
 
 Per patch: read the region plus an augmentation margin (only the chunks it touches), normalise its HU,
-wrap it in a TorchIO ``Subject``, augment, crop the patch from the centre.
+wrap it in a TorchIO ``Subject``, augment, crop the patch from the centre. With a target spacing the
+region is first interpolated onto the target grid together with the affine augmentation, in one step
+(``patch_resampling``); the remaining transforms run on that region as they would natively.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import replace
 from functools import cache
 from pathlib import Path
 
@@ -30,7 +33,15 @@ from iunet3d.data.case_writer import IMAGE_FILL_HU
 from iunet3d.data.dataset import CTCase, CTDataset, open_dataset
 from iunet3d.data.errors import DataError
 from iunet3d.data.normalization import CTNormalization
+from iunet3d.data.resampling import check_interpolation, dataset_target_spacing
 from iunet3d.patches.augmentation import AugmentationConfig, augmentation_margin
+from iunet3d.patches.patch_resampling import (
+    IMAGE_INTERPOLATIONS,
+    LABEL_INTERPOLATIONS,
+    affine_matrix,
+    patch_grid,
+    read_patch,
+)
 from iunet3d.patches.sampling import PatchSampler, check_rank, seeded_rng
 
 DEFAULT_AUGMENTATION = AugmentationConfig()
@@ -77,6 +88,10 @@ class PatchCropper:
             ``Subject`` with ``image`` and ``label`` (applied to the region with ``margin``), or None.
         margin: voxels of context per side (z, y, x); default: from the ``AugmentationConfig``, or a
             quarter of the patch for a custom transform, 0 without one.
+        target_spacing: (z, y, x) mm of the patch grid (``patch_size``, ``margin`` and ``start`` as in
+            ``PatchSampler``); None: the case's own voxels.
+        image_interpolation: ``linear`` or ``cubic`` (with a target spacing).
+        label_interpolation: ``nearest`` or ``linear`` (per-class masks, then the largest; with a target spacing).
     """
 
     def __init__(
@@ -85,8 +100,14 @@ class PatchCropper:
         normalization: CTNormalization,
         transform: AugmentationConfig | object | None,
         margin: Sequence[int] | None = None,
+        target_spacing: Sequence[float] | None = None,
+        image_interpolation: str = "linear",
+        label_interpolation: str = "nearest",
     ):
         self.patch_size = patch_size
+        self.target_spacing = None if target_spacing is None else tuple(float(t) for t in target_spacing)
+        self.image_interpolation = check_interpolation(image_interpolation, "image_interpolation", IMAGE_INTERPOLATIONS)
+        self.label_interpolation = check_interpolation(label_interpolation, "label_interpolation", LABEL_INTERPOLATIONS)
         self.normalization = normalization
         self.transform = transform
         if margin is not None and (len(margin) != 3 or min(margin) < 0):
@@ -98,11 +119,11 @@ class PatchCropper:
         return {**self.__dict__, "_built": {}}  # TorchIO objects are rebuilt in each worker
 
     def margin_for(self, case: CTCase) -> tuple[int, int, int]:
-        """The most context a patch of ``case`` can need (every context transform applied)."""
+        """The most context a patch of ``case`` can need (every context transform applied), in patch voxels."""
         if self.margin is not None:
             return self.margin
         if isinstance(self.transform, AugmentationConfig):
-            return augmentation_margin(self.patch_size, case.spacing, self.transform)
+            return augmentation_margin(self.patch_size, self.target_spacing or case.spacing, self.transform)
         if self.transform is None:
             return (0, 0, 0)
         return tuple(p // 4 for p in self.patch_size)
@@ -126,6 +147,8 @@ class PatchCropper:
 
         ``seed`` determines the augmentation (unused without a transform).
         """
+        if self.target_spacing is not None:
+            return self._resampled(case, start, seed)
         config = self.transform
         if isinstance(config, AugmentationConfig):
             config = config.draw_context_steps(seeded_rng(seed))
@@ -147,6 +170,33 @@ class PatchCropper:
             torch.manual_seed(seed)
             image_t, label_t = augment_region(
                 image, label, region_affine(case.spacing, origin), margin, *self._transforms(config)
+            )
+        return image_t, label_t.long()
+
+    def _resampled(self, case: CTCase, start: Sequence[float], seed: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``__call__`` at the target spacing: one interpolation carries the resampling and the affine."""
+        target = self.target_spacing
+        config, matrix = self.transform, None
+        if isinstance(config, AugmentationConfig):
+            rng = seeded_rng(seed)
+            config = config.draw_context_steps(rng)
+            if config.affine_probability:
+                matrix = affine_matrix(rng, config, target, case.spacing)
+            config = replace(config, affine_probability=0.0)  # the sampling grid carries the affine
+            margin = self.margin if self.margin is not None else augmentation_margin(self.patch_size, target, config)
+        else:
+            margin = self.margin_for(case)
+        ratio = np.asarray(target) / np.asarray(case.spacing)
+        grid = patch_grid(start, self.patch_size, margin, ratio, matrix)
+        image, label = read_patch(case, grid, self.normalization, self.image_interpolation, self.label_interpolation)
+        if self.transform is None:
+            return torch.from_numpy(image)[None], torch.from_numpy(label.astype(np.int64))
+        from iunet3d.patches.transforms import augment_region, region_affine
+
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            image_t, label_t = augment_region(
+                image, label, region_affine(target, (0.0, 0.0, 0.0)), margin, *self._transforms(config)
             )
         return image_t, label_t.long()
 
@@ -175,6 +225,10 @@ class PatchStream(IterableDataset):
         num_patches: stop after this many positions of this rank (default: endless).
         trim_every: in a DataLoader worker, return freed memory to the OS after every this many patches
             (glibc only; 0: never, the default). Trades throughput for memory: ``release_free_memory``.
+        target_spacing: ``"native"`` (the cases' own voxels), ``"auto"`` (from the dataset's spacings:
+            ``data.resampling.auto_target_spacing``; native when every case has it) or (z, y, x) mm: patches
+            are then ``patch_size`` voxels at that spacing, resampled from each case on the fly.
+        image_interpolation, label_interpolation: see ``PatchCropper``.
     """
 
     def __init__(
@@ -194,6 +248,9 @@ class PatchStream(IterableDataset):
         block_size: int = 1,
         num_patches: int | None = None,
         trim_every: int = 0,
+        target_spacing: str | Sequence[float] = "native",
+        image_interpolation: str = "linear",
+        label_interpolation: str = "nearest",
     ):
         super().__init__()
         dataset = open_dataset(dataset)
@@ -204,12 +261,13 @@ class PatchStream(IterableDataset):
             raise DataError(f"num_patches: expected an integer >= 0 or None, got {num_patches!r}")
         if not isinstance(trim_every, int) or trim_every < 0:
             raise DataError(f"trim_every: expected an integer >= 0, got {trim_every!r}")
-        self.sampler = PatchSampler(dataset, patch_size, seed, cases, foreground_fraction, class_probabilities)
+        self.target_spacing = dataset_target_spacing(dataset, target_spacing)
+        self.sampler = PatchSampler(dataset, patch_size, seed, cases, foreground_fraction, class_probabilities,
+                                    self.target_spacing)  # fmt: skip
         check_labelled(dataset, self.sampler.cases)
         self.patch_size = self.sampler.patch_size
-        self.crop = PatchCropper(
-            self.patch_size, normalization or CTNormalization.from_dataset(dataset), transform, margin
-        )
+        self.crop = PatchCropper(self.patch_size, normalization or CTNormalization.from_dataset(dataset), transform,
+                                 margin, self.target_spacing, image_interpolation, label_interpolation)  # fmt: skip
         self.rank, self.world_size, self.seed = rank, world_size, int(seed)
         self.block_size, self.num_patches, self.trim_every = block_size, num_patches, trim_every
         self.position = 0  #: this rank's next position when iteration starts
@@ -226,7 +284,7 @@ class PatchStream(IterableDataset):
             "image": image,
             "label": label,
             "case": draw.case,
-            "location": torch.tensor(draw.start, dtype=torch.int64),
+            "location": torch.tensor(np.floor(draw.start), dtype=torch.int64),
             "index": draw.index,
         }
 

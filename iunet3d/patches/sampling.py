@@ -9,6 +9,12 @@ present in the case, picked from the class-location index that conversion stored
 chosen uniformly among those present, or by ``class_probabilities``); the others start uniformly at
 random. Patches stay inside the volume where they fit; a patch larger than the volume along an axis is
 placed at a random offset and padded.
+
+With a target spacing, ``patch_size`` is in target voxels and a patch covers ``(patch_size - 1) * ratio``
+source voxels between its first and last voxel centres (``ratio = target / case spacing``); ``start`` is
+then the source coordinate (float) of its first voxel, and the class locations (source voxels) are mapped
+through that ratio, so a foreground patch is centred on its voxel at any spacing. Along axes where the case
+already has the target spacing, starts are whole voxels as without resampling (no interpolation there).
 """
 
 from __future__ import annotations
@@ -30,7 +36,7 @@ class PatchDraw:
 
     index: int  #: global index in the sequence
     case: str
-    start: tuple[int, int, int]
+    start: tuple[int, int, int] | tuple[float, float, float]  #: floats with a target spacing
     foreground_class: int  #: the class the patch was centred on, 0 for a uniformly placed patch
 
 
@@ -55,6 +61,7 @@ class PatchSampler:
         foreground_fraction: probability that a patch is centred on a voxel of a present class.
         class_probabilities: optional {class value: weight} for choosing that class (renormalised over
             the classes present in the case); default uniform over present classes.
+        target_spacing: (z, y, x) mm that ``patch_size`` is measured in; None: the cases' own voxels.
     """
 
     def __init__(
@@ -65,6 +72,7 @@ class PatchSampler:
         cases: Sequence[str] | None = None,
         foreground_fraction: float = 0.33,
         class_probabilities: Mapping[int, float] | None = None,
+        target_spacing: Sequence[float] | None = None,
     ):
         self.dataset_path = dataset.path
         self.cases = list(dataset.case_names if cases is None else cases)
@@ -80,6 +88,7 @@ class PatchSampler:
         self.foreground_fraction = float(foreground_fraction)
         self.class_probabilities = _check_class_probabilities(class_probabilities, dataset.num_classes)
         self.seed = int(seed)
+        self.target_spacing = None if target_spacing is None else tuple(float(t) for t in target_spacing)
         self._open: dict[str, CTCase] = {}
         self._locations: dict[tuple[str, int], np.ndarray] = {}
 
@@ -97,17 +106,35 @@ class PatchSampler:
         rng = seeded_rng(self.seed, index)
         name = self.cases[int(rng.integers(len(self.cases)))]
         case = self.case(name)
-        low, high = start_bounds(case.shape, self.patch_size)
         foreground_class = 0
         if rng.random() < self.foreground_fraction:
             foreground_class = self._choose_class(case, rng)
+        centre = None
         if foreground_class:
             locations = self._class_locations(case, foreground_class)
             centre = locations[int(rng.integers(len(locations)))]
+        if self.target_spacing is not None:
+            return PatchDraw(index, name, self._resampled_start(case, centre, rng), foreground_class)
+        low, high = start_bounds(case.shape, self.patch_size)
+        if centre is not None:
             start = np.clip(centre - np.asarray(self.patch_size) // 2, low, high)
         else:
             start = rng.integers(low, high + 1)
         return PatchDraw(index, name, tuple(int(s) for s in start), foreground_class)
+
+    def _resampled_start(self, case: CTCase, centre: np.ndarray | None, rng: np.random.Generator) -> tuple:
+        """Source coordinate of the first voxel of a target-spacing patch (centred on ``centre`` if given)."""
+        ratio = np.asarray(self.target_spacing) / np.asarray(case.spacing)
+        extent = (np.asarray(self.patch_size) - 1) * ratio  # first to last voxel centre, source voxels
+        last = np.asarray(case.shape) - 1
+        low, high = np.minimum(0.0, last - extent), np.maximum(0.0, last - extent)
+        native = np.isclose(ratio, 1.0, rtol=1e-6, atol=0)
+        if centre is not None:
+            start = np.clip(centre - np.asarray(self.patch_size) // 2 * ratio, low, high)  # voxel P // 2 on it
+        else:
+            start = np.array([rng.integers(round(a), round(b) + 1) if same else rng.uniform(a, b)
+                              for a, b, same in zip(low, high, native, strict=True)])  # fmt: skip
+        return tuple(float(round(s)) if same else float(s) for s, same in zip(start, native, strict=True))
 
     def _class_locations(self, case: CTCase, value: int) -> np.ndarray:
         key = (case.name, value)
