@@ -39,7 +39,13 @@ class _Accumulator:
     def blocks(self) -> Iterator[tuple[tuple[slice, ...], np.ndarray]]:
         """(region, blended output (K, *region shape)) for each block of the volume."""
         for region in block_regions(self.shape, self.block):
-            yield region, self.sums[(slice(None), *region)] / self.weights[region]
+            yield region, self.blended(region)
+
+    def blended(self, region: Sequence[slice]) -> np.ndarray:
+        """The blended output ``sum / weight`` (K, d, h, w) float32 of any ``region`` (z, y, x slices);
+        only the chunks it covers are read."""
+        region = tuple(region)
+        return self.sums[(slice(None), *region)] / self.weights[region]
 
 
 class MemoryAccumulator(_Accumulator):

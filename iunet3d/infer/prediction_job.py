@@ -15,7 +15,8 @@ import contextlib
 import dataclasses
 import math
 import shutil
-from collections.abc import Iterator
+import warnings
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from iunet3d.data import CTCase, CTDataset, export_case
@@ -38,6 +39,14 @@ from iunet3d.infer.prediction_store import (
 from iunet3d.infer.sharding import shard_cases
 from iunet3d.infer.trained_model import TrainedModel, load_trained_model, predict_volume
 from iunet3d.models.precision import autocast_dtype_for
+
+#: A scan coarser than a model's target spacing by more than this along an axis is interpolated into detail
+#: the network never saw in training (it was trained on real voxels of the target size), so predict warns.
+COARSE_SCAN_FACTOR = 2.0
+#: A network trained on its cases' own voxels (no target spacing) learned shapes at their voxel size; a scan
+#: whose spacing differs from the training data's median by more than this along an axis shows them
+#: stretched, so predict warns (training at a target spacing, ``data.target_spacing = "auto"``, avoids it).
+NATIVE_SPACING_FACTOR = 1.2
 
 
 def run_prediction_job(args: argparse.Namespace, dataset: CTDataset, cases: list[str], distributed: Distributed,
@@ -107,16 +116,23 @@ class _CaseJob:
 def _predict_case(args, model: TrainedModel, job: _CaseJob, max_memory: int, distributed, say) -> list[dict]:
     """Predict ``job.case`` whole into ``job.out``; its metric rows when it has a label."""
     case = job.case
+    target_shape = model.target_grid(case.shape, case.spacing)
     plan = plan_memory(len(model.class_names), case.shape, model.patch_size, args.batch_size,
-                       prediction_chunks(case), args.probabilities, max_memory)  # fmt: skip
-    say(f"{job.counter} {case.name} {case.shape}: {plan.describe(max_memory)}")
+                       prediction_chunks(case), args.probabilities, max_memory,
+                       target_shape=target_shape)  # fmt: skip
+    resampling = "" if target_shape is None else f"{resampling_line(case, model.target_spacing, target_shape)}; "
+    say(f"{job.counter} {case.name} {case.shape}: {resampling}{plan.describe(max_memory)}")
+    warning = spacing_warning(model, case.spacing)
+    if warning is not None:
+        warnings.warn(f"case {case.name}: {warning}", UserWarning, stacklevel=2)
     autocast = autocast_dtype_for(args.precision, distributed.device)
     image = _CaseArray(case.image_array, case, "image")
 
     def fill(labels, probabilities):
         predict_volume(model, image, overlap=args.overlap, mirror=args.mirror, batch_size=args.batch_size,
                        plan=plan, scratch=_scratch(job.out), device=distributed.device, autocast_dtype=autocast,
-                       progress=not args.no_progress, out=labels, probabilities=probabilities)  # fmt: skip
+                       progress=not args.no_progress, out=labels, probabilities=probabilities,
+                       spacing=case.spacing)  # fmt: skip
 
     write = write_prediction_in_place if job.in_place else write_prediction_case
     record = prediction_record(job.source, case.name)
@@ -129,6 +145,37 @@ def _predict_case(args, model: TrainedModel, job: _CaseJob, max_memory: int, dis
     prediction = _CaseArray(CTCase(written).label_array(PREDICTION), case, "prediction")
     reference = _CaseArray(case.label_array(reference), case, f"label {reference!r}")
     return case_metrics(case.name, prediction, reference, model.class_names, case.spacing)
+
+
+def resampling_line(case: CTCase, target: Sequence[float], target_shape: Sequence[int]) -> str:
+    """E.g. ``resampled 5.0x0.8x0.8 -> 1.5x0.8x0.8 mm, grid 40x160x160 -> 133x160x160``."""
+    grid = f"{'x'.join(map(str, case.shape))} -> {'x'.join(map(str, target_shape))}"
+    return f"resampled {_mm(case.spacing)[:-3]} -> {_mm(target)}, grid {grid}"
+
+
+def spacing_warning(model: TrainedModel, spacing: Sequence[float]) -> str | None:
+    """Why predicting a scan of ``spacing`` (z, y, x) mm with ``model`` may be unreliable, or None."""
+    axes = "zyx"
+    if model.target_spacing is not None:
+        coarse = [a for a, s, t in zip(axes, spacing, model.target_spacing, strict=True) if s > COARSE_SCAN_FACTOR * t]
+        if coarse:
+            return (f"spacing {_mm(spacing)} is more than {COARSE_SCAN_FACTOR:g}x coarser than the model's target "
+                    f"spacing {_mm(model.target_spacing)} along {', '.join(coarse)}: the network sees interpolated "
+                    "detail it was not trained on")  # fmt: skip
+        return None
+    if model.training_spacing is None:
+        return None
+    off = [a for a, s, t in zip(axes, spacing, model.training_spacing, strict=True)
+           if max(s / t, t / s) > NATIVE_SPACING_FACTOR]  # fmt: skip
+    if not off:
+        return None
+    return (f"spacing {_mm(spacing)} differs from the training data's {_mm(model.training_spacing)} by more than "
+            f"{NATIVE_SPACING_FACTOR:g}x along {', '.join(off)}, and the model runs on each scan's own voxels: "
+            'its predictions are unreliable (train with data.target_spacing = "auto")')  # fmt: skip
+
+
+def _mm(spacing: Sequence[float]) -> str:
+    return "x".join(str(round(float(v), 3)) for v in spacing) + " mm"
 
 
 def _reference_label(case: CTCase) -> str | None:

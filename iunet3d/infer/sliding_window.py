@@ -71,12 +71,13 @@ class SlidingWindowPredictor:
         return accumulator
 
     def _read(self, image, start, shape, normalize) -> np.ndarray:
-        """The window at ``start``, padded to the patch size where the volume is smaller."""
+        """The window at ``start``, padded to the patch size where the volume is smaller: with the image's
+        ``fill_value`` when it has one (e.g. a ``ResampledVolume``, already normalised), else air in HU."""
         region = tuple(slice(s, min(s + p, size)) for s, p, size in zip(start, self.patch_size, shape, strict=True))
         window = np.asarray(image[region])
         padding = [(0, p - n) for p, n in zip(self.patch_size, window.shape, strict=True)]
         if any(after for _, after in padding):
-            window = np.pad(window, padding, constant_values=IMAGE_FILL_HU)
+            window = np.pad(window, padding, constant_values=getattr(image, "fill_value", IMAGE_FILL_HU))
         window = normalize(window) if normalize is not None else window
         return np.asarray(window, dtype=np.float32)
 
@@ -107,5 +108,10 @@ def write_labels(accumulator, labels, probabilities=None) -> None:
     for region, blended in accumulator.blocks():
         labels[region] = blended.argmax(axis=0).astype(np.uint8)
         if probabilities is not None:
-            exponentials = np.exp(blended - blended.max(axis=0, keepdims=True))
-            probabilities[(slice(None), *region)] = exponentials / exponentials.sum(axis=0, keepdims=True)
+            probabilities[(slice(None), *region)] = softmax(blended)
+
+
+def softmax(blended: np.ndarray) -> np.ndarray:
+    """Class probabilities (K, d, h, w) float32 of blended network outputs (K, d, h, w), over axis 0."""
+    exponentials = np.exp(blended - blended.max(axis=0, keepdims=True))
+    return exponentials / exponentials.sum(axis=0, keepdims=True)

@@ -10,10 +10,19 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from iunet3d.data.errors import DataError
 from iunet3d.data.normalization import CTNormalization
+from iunet3d.data.resampling import (
+    ResampledVolume,
+    check_interpolation,
+    check_target_spacing,
+    resampled_shape,
+    same_spacing,
+)
 from iunet3d.infer.accumulator import MemoryAccumulator, ZarrAccumulator
 from iunet3d.infer.checkpoint_file import read_checkpoint
 from iunet3d.infer.memory_plan import MemoryPlan, plan_memory
+from iunet3d.infer.resampled_output import write_resampled_labels
 from iunet3d.infer.sliding_window import SlidingWindowPredictor, write_labels
 from iunet3d.models.segmentation import SegmentationIUNet
 
@@ -29,6 +38,19 @@ class TrainedModel:
     normalization: CTNormalization
     step: int
     source: Path
+    target_spacing: tuple[float, float, float] | None = None  #: (z, y, x) mm it runs at; None: each scan's own
+    image_interpolation: str = "linear"  #: how images are resampled to ``target_spacing``: "linear" or "cubic"
+    training_spacing: tuple[float, float, float] | None = None  #: median (z, y, x) mm of its training data
+
+    def resamples(self, spacing: Sequence[float] | None) -> bool:
+        """Whether a scan of ``spacing`` (z, y, x) mm is predicted resampled to ``target_spacing``."""
+        return (
+            self.target_spacing is not None and spacing is not None and not same_spacing(spacing, self.target_spacing)
+        )
+
+    def target_grid(self, shape: Sequence[int], spacing: Sequence[float] | None) -> tuple[int, ...] | None:
+        """The (D, H, W) grid a scan of ``shape`` and ``spacing`` is predicted on when resampled, else None."""
+        return resampled_shape(shape, spacing, self.target_spacing) if self.resamples(spacing) else None
 
     def check_input(self, class_names: Sequence[str] | None = None, channels: int = 1, what: str = "input") -> None:
         """Refuse an input whose channels (or, when it has labels, classes) differ from the training data's."""
@@ -66,7 +88,24 @@ def load_trained_model(path: Path | str, device: torch.device | str = "cpu") -> 
         normalization=CTNormalization(**state["normalization"]),
         step=int(state["step"]),
         source=path,
+        target_spacing=_spacing(state.get("target_spacing"), path, "target_spacing"),
+        image_interpolation=_interpolation(state.get("image_interpolation"), path),
+        training_spacing=_spacing(state.get("training_spacing"), path, "training_spacing"),
     )
+
+
+def _spacing(value, path: Path, key: str) -> tuple[float, float, float] | None:
+    """A checkpoint's optional spacing (z, y, x) mm: None (absent or "native") or three positive numbers."""
+    spacing = None if value is None else check_target_spacing(value, f"{path}: {key}")
+    if spacing == "auto":
+        raise DataError(f"{path}: {key}: expected three positive spacings [z, y, x] in mm or None, got 'auto'")
+    return None if spacing in (None, "native") else spacing
+
+
+def _interpolation(value, path: Path) -> str:
+    """A checkpoint's optional image interpolation: "linear" (also when absent) or "cubic"."""
+    value = "linear" if value is None else value
+    return check_interpolation(value, f"{path}: image_interpolation", ("linear", "cubic"))
 
 
 def predict_volume(
@@ -85,17 +124,24 @@ def predict_volume(
     probabilities=None,
     stream: bool | None = None,
     plan: MemoryPlan | None = None,
+    spacing: Sequence[float] | None = None,
 ):
     """Labels uint8 (D, H, W) of the HU volume ``image`` (D, H, W; numpy or Zarr), written into ``out``
     (e.g. a Zarr array, so not even the labels need to fit in memory) or a new numpy array, returned;
     and, when ``probabilities`` (K, D, H, W) is given, the softmax of the blended output into it.
+
+    ``spacing`` (z, y, x) mm is the scan's. When the model has a ``target_spacing`` that differs from it,
+    the windows run on the scan resampled to the target spacing (``ResampledVolume``: interpolated
+    window by window, nothing resampled is stored whole) and the class probabilities are resampled back
+    onto the scan's grid before the argmax (``write_resampled_labels``): labels and probabilities are
+    always on the scan's own voxels. Without ``spacing``, or with the same spacing, it runs natively.
 
     The blended outputs are accumulated in memory when everything fits in ``max_memory`` bytes (default:
     no limit), else streamed through a chunked Zarr accumulator in a temporary directory under
     ``scratch``; the labels are the same either way (up to float rounding at exact ties). The limit
     covers the buffers of prediction, not the network's own activations (``plan_memory``); a limit too
     small even for streaming fails naming its minimum. ``stream`` True or False forces either way. A
-    ``plan`` made by the caller (e.g. to print it) is used as it is.
+    ``plan`` made by the caller (e.g. to print it, with the same ``target_shape``) is used as it is.
     """
     shape = tuple(image.shape)
     num_classes = len(model.class_names)
@@ -106,15 +152,30 @@ def predict_volume(
     for name, array, expected in (("out", labels, shape), ("probabilities", probabilities, (num_classes, *shape))):
         if array is not None and tuple(array.shape) != expected:
             raise ValueError(f"{name}: shape {tuple(array.shape)}, expected {expected}")
+    if spacing is not None and len(tuple(spacing)) != 3:
+        raise ValueError(f"spacing: expected three spacings (z, y, x) in mm, got {spacing!r}")
+    target_shape = model.target_grid(shape, spacing)
     if plan is None:
         plan = plan_memory(num_classes, shape, model.patch_size, batch_size, getattr(labels, "chunks", None),
-                           probabilities is not None, max_memory, stream)  # fmt: skip
+                           probabilities is not None, max_memory, stream, target_shape=target_shape)  # fmt: skip
+    if target_shape is None:
+        source, normalize, grid = image, model.normalization, shape
+    else:
+        source = ResampledVolume(image, spacing, model.target_spacing, normalize=model.normalization,
+                                 order=model.image_interpolation)  # fmt: skip
+        normalize, grid = None, source.shape  # the view is normalised already
+
+    def finalize(accumulator) -> None:
+        predictor.predict(source, accumulator, normalize)
+        if target_shape is None:
+            write_labels(accumulator, labels, probabilities)
+        else:
+            write_resampled_labels(accumulator, labels, probabilities, block=plan.block)
+
     if not plan.streamed:
-        accumulator = MemoryAccumulator(num_classes, shape, block=plan.block)
-        write_labels(predictor.predict(image, accumulator, model.normalization), labels, probabilities)
+        finalize(MemoryAccumulator(num_classes, grid, block=plan.block))
         return labels
     with tempfile.TemporaryDirectory(prefix="iunet3d-accumulator-", dir=scratch) as directory:
         path = Path(directory) / "accumulator.zarr"
-        accumulator = ZarrAccumulator(path, num_classes, shape, plan.chunk, block=plan.block)
-        write_labels(predictor.predict(image, accumulator, model.normalization), labels, probabilities)
+        finalize(ZarrAccumulator(path, num_classes, grid, plan.chunk, block=plan.block))
     return labels

@@ -29,17 +29,24 @@ class VolumeValidator(Validator):
     main one in case order.
     """
 
-    def __init__(self, *args, scratch: Path | None = None, **kwargs):
-        """``Validator``'s arguments; ``scratch``: where a streamed accumulator may be written."""
+    def __init__(self, *args, scratch: Path | None = None, target_spacing: tuple[float, float, float] | None = None,
+                 image_interpolation: str = "linear", **kwargs):  # fmt: skip
+        """``Validator``'s arguments; ``scratch``: where a streamed accumulator may be written;
+        ``target_spacing`` (z, y, x) mm the network is trained at (None: each case's own voxels) and the
+        ``image_interpolation`` ("linear" or "cubic") that resamples images to it. Labels, metrics and
+        panels stay on each case's own grid."""
         super().__init__(*args, **kwargs)
         self.scratch = scratch
+        self.target_spacing = None if target_spacing is None else tuple(float(v) for v in target_spacing)
+        self.image_interpolation = image_interpolation
         voxels = {name: math.prod(self.dataset.case(name).shape) for name in self.cases}
         self.mine = shard_cases(voxels, self.distributed.world_size)[self.distributed.rank]
 
     @torch.no_grad()
     def run(self, network: nn.Module, panels: int = 0) -> ValidationResult:
         model = TrainedModel(network, self.class_names, 1, self.patch_size, self.normalization, step=0,
-                             source=Path("(training)"))  # fmt: skip
+                             source=Path("(training)"), target_spacing=self.target_spacing,
+                             image_interpolation=self.image_interpolation)  # fmt: skip
         counts = torch.zeros(len(self.class_names), 3, dtype=torch.float64)
         shown: list[tuple[int, SegmentationPanel]] = []
         for name in self.mine:
@@ -48,6 +55,7 @@ class VolumeValidator(Validator):
                 model, case.image_array, overlap=self.config.overlap, mirror=self.config.mirror,
                 batch_size=self.config.batch_size, max_memory=int(self.config.max_memory_mb * 2**20),
                 scratch=self.scratch, device=self.distributed.device, autocast_dtype=self.autocast_dtype,
+                spacing=case.spacing,
             )  # fmt: skip
             reference = np.asarray(case.label_array()[...])
             counts += volume_confusion_counts(labels, reference, len(self.class_names))
