@@ -10,6 +10,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from iunet3d.data.resampling import check_interpolation, check_target_spacing
 from iunet3d.infer.windows import check_overlap
 from iunet3d.patches.augmentation import AugmentationConfig
 from iunet3d.train.toml_config import ConfigError, from_dict, load_config, to_dict
@@ -46,6 +47,11 @@ class DataConfig:
     augment: bool = True  #: apply the [augmentation] section (False: intensity normalisation only)
     window: tuple[float, float] | None = None  #: fixed HU window onto [-1, 1]; default: dataset statistics
     classes: tuple[str, ...] | None = None  #: expected class names, background first (checked against the dataset)
+    #: voxel size (z, y, x mm) patch_size counts and the network works at: "auto" (from the dataset's spacings; the
+    #: cases' own voxels when they all share it), "native" (the cases' own voxels) or [z, y, x]
+    target_spacing: str | tuple[float, float, float] = "auto"
+    image_interpolation: str = "linear"  #: resampling the image onto the target spacing: linear or cubic
+    label_interpolation: str = "nearest"  #: resampling labels: nearest, or linear (per-class masks, the largest wins)
 
     def __post_init__(self) -> None:
         if not self.dataset:
@@ -55,6 +61,9 @@ class DataConfig:
             raise ValueError(f"data.num_workers: expected an integer >= 0, got {self.num_workers}")
         if not 0 <= self.foreground_fraction <= 1:
             raise ValueError(f"data.foreground_fraction: expected a number in [0, 1], got {self.foreground_fraction}")
+        check_target_spacing(self.target_spacing, "data.target_spacing")
+        check_interpolation(self.image_interpolation, "data.image_interpolation", ("linear", "cubic"))
+        check_interpolation(self.label_interpolation, "data.label_interpolation", ("nearest", "linear"))
         if self.class_weights is not None and (min(self.class_weights, default=0) < 0 or sum(self.class_weights) <= 0):
             raise ValueError(f"data.class_weights: expected weights >= 0, not all 0, got {list(self.class_weights)}")
 

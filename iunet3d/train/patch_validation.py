@@ -18,8 +18,10 @@ from iunet3d.train.wandb_logger import SegmentationPanel
 class PatchValidator(Validator):
     """Runs the network over this rank's share of fixed validation patches and reduces the Dice counts."""
 
-    def __init__(self, *args, to_device=lambda image: image, **kwargs):
-        """``Validator``'s arguments; ``to_device`` moves an image batch to the network."""
+    def __init__(self, *args, to_device=lambda image: image, target_spacing=None, image_interpolation="linear",
+                 label_interpolation="nearest", **kwargs):  # fmt: skip
+        """``Validator``'s arguments; ``to_device`` moves an image batch to the network; the patches are taken
+        at ``target_spacing`` (None: the cases' own voxels) with these interpolations."""
         super().__init__(*args, **kwargs)
         self.to_device = to_device
         config, distributed = self.config, self.distributed
@@ -33,6 +35,9 @@ class PatchValidator(Validator):
             world_size=distributed.world_size,
             seed=config.seed,
             normalization=self.normalization,
+            target_spacing="native" if target_spacing is None else target_spacing,
+            image_interpolation=image_interpolation,
+            label_interpolation=label_interpolation,
         )
 
     @torch.no_grad()

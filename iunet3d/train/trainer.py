@@ -16,6 +16,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 
 from iunet3d.data import CTNormalization, open_dataset
+from iunet3d.data.resampling import dataset_target_spacing
 from iunet3d.distributed import Distributed
 from iunet3d.models.precision import autocast_dtype_for
 from iunet3d.models.segmentation import SegmentationIUNet
@@ -73,6 +74,10 @@ class Trainer:
         self.normalization = (
             CTNormalization.window(*data.window) if data.window else CTNormalization.from_dataset(self.dataset)
         )
+        try:
+            self.target_spacing = dataset_target_spacing(self.dataset, data.target_spacing)
+        except ValueError as error:
+            raise TrainingError(f"data.target_spacing: {error}") from None
         self.device = distributed.device
         torch.manual_seed(train.seed)
         self.memory_format = torch.channels_last_3d if train.channels_last else torch.contiguous_format
@@ -124,6 +129,9 @@ class Trainer:
             class_probabilities=data.class_probabilities(self.dataset.num_classes),
             cases=cases,
             normalization=self.normalization,
+            target_spacing="native" if self.target_spacing is None else self.target_spacing,
+            image_interpolation=data.image_interpolation,
+            label_interpolation=data.label_interpolation,
         )
         return PatchLoader(stream, data.batch_size, data.num_workers, pin_memory=pin_memory)
 
@@ -131,9 +139,12 @@ class Trainer:
         """Whole-volume validation (the default), or patch-based with ``validation.mode = "patch"``."""
         arguments = (self.dataset, cases, self.config.data.patch_size, self.config.validation, self.distributed,
                      self.normalization, self.autocast_dtype)  # fmt: skip
+        data = self.config.data
+        spacing = {"target_spacing": self.target_spacing, "image_interpolation": data.image_interpolation}
         if self.config.validation.mode == "patch":
-            return PatchValidator(*arguments, to_device=self.to_device)
-        return VolumeValidator(*arguments, scratch=self.run_dir)
+            return PatchValidator(*arguments, to_device=self.to_device, label_interpolation=data.label_interpolation,
+                                  **spacing)  # fmt: skip
+        return VolumeValidator(*arguments, scratch=self.run_dir, **spacing)
 
     def to_device(self, image: torch.Tensor) -> torch.Tensor:
         """An image batch (B, 1, D, H, W) on the training device, in the network's memory format."""
@@ -153,6 +164,9 @@ class Trainer:
         stopped_by = None
         self._say(f"training from step {self.step} to {train.steps} on {self.distributed.world_size} process(es), "
                   f"{self.device}; run directory {self.run_dir}")  # fmt: skip
+        shown = None if self.target_spacing is None else "x".join(f"{s:g}" for s in self.target_spacing)
+        self._say("patches of the cases' own voxels (native spacing)" if shown is None else
+                  f"patches at target spacing {shown} mm (z, y, x), resampled per patch")  # fmt: skip
         try:
             while self.step < train.steps:
                 loss, finite = self.train_step()
@@ -259,6 +273,9 @@ class Trainer:
                 "network": {"in_channels": 1, "num_classes": self.dataset.num_classes,
                             **self.config.model.network_kwargs()},
                 "patch_size": list(self.config.data.patch_size),
+                "target_spacing": None if self.target_spacing is None else list(self.target_spacing),
+                "image_interpolation": self.config.data.image_interpolation,
+                "training_spacing": (self.dataset.statistics.get("spacing") or {}).get("median"),
                 "normalization": self.normalization.to_dict(),
                 "wandb_id": self.identity["wandb_id"],
                 "git_revision": self.identity.get("git_revision"),
