@@ -27,6 +27,11 @@ def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--nproc", type=int, default=2, help="training processes (torchrun --nproc-per-node)")
     parser.add_argument("--cases", type=int, default=DEMO_CASES, help="synthetic cases, when DIR/data is absent")
     parser.add_argument("--shape", type=int, nargs=3, default=DEMO_SHAPE, metavar=("D", "H", "W"))
+    parser.add_argument(
+        "--slice-thickness", type=float, nargs="+", metavar="T",
+        help="a demo of mixed spacings: case i has slices of T[i %% count] mm (field of view kept); training then "
+        "resamples patches to the target spacing data.target_spacing = 'auto' chooses",
+    )  # fmt: skip
     add_config_arguments(parser, required=False)
     parser.set_defaults(config=DEMO_CONFIG)
 
@@ -45,8 +50,9 @@ def run_demo(args: argparse.Namespace) -> int:
     # Idempotent: cases already complete are kept, so an interrupted demo picks up where it stopped.
     print(f"synthetic CT: {args.cases} cases in {data}", flush=True)
     shape = [str(size) for size in args.shape]
+    thickness = ["--slice-thickness", *map(str, args.slice_thickness)] if args.slice_thickness else []
     _run([sys.executable, "-m", "iunet3d", "synth", "--out", str(data), "--cases", str(args.cases),
-          "--shape", *shape, "--no-progress"], "writing the synthetic dataset")  # fmt: skip
+          "--shape", *shape, *thickness, "--no-progress"], "writing the synthetic dataset")  # fmt: skip
     (run / "summary.json").unlink(missing_ok=True)  # never report a previous run's results
     command = torchrun_command(args.nproc, args.config, overrides)
     print("running: " + " ".join(command), flush=True)
