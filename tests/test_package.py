@@ -5,6 +5,8 @@ import pathlib
 import subprocess
 import sys
 
+import pytest
+
 import iunet3d
 from tests.helpers.cli import run_cli
 
@@ -116,6 +118,7 @@ def test_patch_pipeline_names_still_import_from_data_with_a_deprecation_warning(
         assert f"iunet3d.patches.{name}" in str(caught[0].message)
 
 
+@pytest.mark.slow
 def test_python_dash_m_runs_the_cli():
     result = subprocess.run([sys.executable, "-m", "iunet3d", "bench", "memory", "--help"],
                             capture_output=True, text=True)  # fmt: skip

@@ -218,6 +218,7 @@ def test_augmented_patches_have_the_patch_size_with_an_anisotropic_margin(phanto
 # -- validation ---------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_validation_patches_are_fixed_and_split_across_ranks(phantoms):
     dataset = open_dataset(phantoms)
     training, held_out = split_cases(dataset.case_names, 2, seed=1)
@@ -243,6 +244,7 @@ def test_validation_patches_are_fixed_and_split_across_ranks(phantoms):
 # -- errors -----------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_a_corrupted_chunk_fails_naming_the_case_also_from_a_worker(tmp_path):
     image, label = make_phantom((16, 32, 32), SPACING, seed=1)
     store_case(tmp_path / "ds", "broken_case", image, label, SPACING, class_names=SYNTH_CLASS_NAMES)

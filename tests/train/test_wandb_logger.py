@@ -94,6 +94,7 @@ def captured_wandb_warnings(caught) -> list[str]:
     return [str(w.message) for w in caught if str(w.message).startswith("W&B")]
 
 
+@pytest.mark.slow
 def test_offline_run_logs_metrics_at_their_steps_with_the_run_config(tmp_path):
     run_config = {"train": {"lr": 0.001, "steps": 20}, "model": {"architecture": [2, 2]}}
     logs = [[{"train/loss": 1.0}, 0], [{"train/loss": 0.5}, 10], [{"train/loss": 0.25}, 20],
@@ -130,6 +131,7 @@ def test_resume_with_the_stored_id_continues_the_run_and_drops_steps_before_resu
     assert steps_of(read_offline_history(tmp_path), "train/loss") == [0, 1, 2, 3, 4, 3, 6]
 
 
+@pytest.mark.slow
 def test_a_step_lower_than_the_last_is_dropped_with_one_warning(tmp_path):
     logger = WandbLogger(OFFLINE, tmp_path, {"seed": 1})
     with warnings.catch_warnings(record=True) as caught:
