@@ -76,12 +76,13 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections import defaultdict
 from collections.abc import Iterator
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
+
+from iunet3d.plan.process_memory import memory_kb, process_tree
 
 if TYPE_CHECKING:  # imported where used, so that the CLI starts fast
     import torch
@@ -390,33 +391,6 @@ def run_side(args: argparse.Namespace) -> dict:
 # --- the process tree's memory -----------------------------------------------------------------------------
 
 
-def _parents() -> dict[int, int]:
-    """pid -> parent pid of every process visible in /proc."""
-    parents = {}
-    for entry in os.scandir("/proc"):
-        if entry.name.isdigit():
-            try:
-                with open(f"/proc/{entry.name}/stat", "rb") as stat:
-                    text = stat.read()
-            except OSError:  # exited meanwhile
-                continue
-            parents[int(entry.name)] = int(text.rsplit(b")", 1)[1].split()[1])  # the name may hold ") "
-    return parents
-
-
-def process_tree(root: int) -> list[int]:
-    """``root`` and all its descendants."""
-    children = defaultdict(list)
-    for pid, parent in _parents().items():
-        children[parent].append(pid)
-    tree, stack = [], [root]
-    while stack:
-        pid = stack.pop()
-        tree.append(pid)
-        stack.extend(children.get(pid, ()))
-    return tree
-
-
 def pss_kb(pid: int) -> int:
     """Proportional set size of ``pid`` in kB (0 for a process that exited)."""
     try:
@@ -427,20 +401,6 @@ def pss_kb(pid: int) -> int:
     except OSError:
         pass
     return 0
-
-
-def memory_kb(pid: int) -> tuple[int, int]:
-    """(VmRSS, VmHWM) of ``pid`` in kB; zeros for a process that exited (or a zombie)."""
-    values = {"VmRSS": 0, "VmHWM": 0}
-    try:
-        with open(f"/proc/{pid}/status") as status:
-            for line in status:
-                key = line.split(":", 1)[0]
-                if key in values:
-                    values[key] = int(line.split()[1])
-    except OSError:
-        pass
-    return values["VmRSS"], values["VmHWM"]
 
 
 class TreeMemory:

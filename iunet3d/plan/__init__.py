@@ -1,0 +1,1 @@
+"""Planning a training configuration from a dataset and a memory budget (``iunet3d plan``)."""
