@@ -18,6 +18,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     from iunet3d.data import commands as data_commands
     from iunet3d.infer import commands as infer_commands
+    from iunet3d.plan import commands as plan_commands
     from iunet3d.train import commands as train_commands
     from iunet3d.train import demo
 
@@ -37,12 +38,15 @@ def build_parser() -> argparse.ArgumentParser:
          demo.add_demo_arguments, demo.run_demo),
         ("predict", "segment whole volumes with a trained checkpoint (Gaussian-weighted sliding window)",
          infer_commands.add_predict_arguments, infer_commands.run_predict),
+        ("plan", "write a training config chosen for a dataset and a memory budget (measured memory model); "
+         "--check FILE measures a config's peak memory and step time",
+         plan_commands.add_plan_arguments, plan_commands.run_plan),
     ):  # fmt: skip
         _add_command(commands, name, help_text, add_arguments, handler)
 
     bench = commands.add_parser("bench", help="benchmarks that print side-by-side tables")
     benchmarks = bench.add_subparsers(dest="benchmark", required=True, metavar="BENCHMARK")
-    from iunet3d.bench import data, memory, predict, read
+    from iunet3d.bench import data, memory, plan, predict, read
 
     for name, help_text, module in (
         ("memory", "conventional vs reversible peak training memory and step time over depth", memory),
@@ -51,6 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
          data),
         ("predict", "whole-volume prediction: voxels/s and peak memory, accumulator in memory vs streamed through Zarr",
          predict),
+        ("plan", "nnU-Net v2's 3d_fullres plan vs ours at the same measured training memory", plan),
     ):  # fmt: skip
         _add_command(benchmarks, name, help_text, module.add_arguments, module.run)
     return parser

@@ -168,12 +168,12 @@ def to_toml(config) -> str:
     lines: list[str] = []
     for section, values in to_dict(config).items():
         lines.append(f"[{section}]")
-        lines += [f"{key} = {_toml_value(value)}" for key, value in values.items() if value is not None]
+        lines += [f"{key} = {toml_value(value)}" for key, value in values.items() if value is not None]
         lines.append("")
     return "\n".join(lines)
 
 
-def _toml_value(value) -> str:
+def toml_value(value) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, int | float):
@@ -181,5 +181,5 @@ def _toml_value(value) -> str:
     if isinstance(value, str):
         return '"' + value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
     if isinstance(value, list):
-        return "[" + ", ".join(_toml_value(item) for item in value) + "]"
+        return "[" + ", ".join(toml_value(item) for item in value) + "]"
     raise TypeError(f"cannot write {value!r} as TOML")
