@@ -95,7 +95,8 @@ def test_held_out_configs_are_predicted_within_ten_percent(tmp_path):
 
     dataset = tiny_dataset(tmp_path / "data", cases=3, shape=(16, 64, 64))
     base = load_training_config(DEMO_CONFIG, [*SMALL, f"data.dataset={dataset}", "data.validation_cases=1"])
-    fit_configs = calibration_configs(base, min_patch=(4, 16, 16))
+    small, _, reference, batch, channels, _ = calibration_configs(base, min_patch=(4, 16, 16))
+    fit_configs = [small, reference, batch, channels]  # enough for the three features that vary (workers: 0)
     held_out = [
         calibration_configs(base, channels=12, min_patch=(8, 24, 24))[3],  # other patch, batch 2, 12 channels
         calibration_configs(base, channels=6, min_patch=(8, 32, 32))[5],  # deeper, 6 channels, larger patch
