@@ -14,6 +14,7 @@ PACKAGE = pathlib.Path(iunet3d.__file__).parent
 FORBIDDEN = ("zarr", "torchio", "wandb", "iunet3d.data", "iunet3d.train", "iunet3d.infer")
 
 
+@pytest.mark.slow
 def test_models_import_nothing_of_data_train_infer_zarr_torchio_wandb():
     code = (
         "import sys, iunet3d, iunet3d.models, iunet3d.layers, iunet3d.models.registry\n"
@@ -142,6 +143,7 @@ def test_console_script_is_installed():
     assert result.returncode == 0 and "bench" in result.stdout
 
 
+@pytest.mark.slow
 def test_memcnn_is_imported_only_by_its_engine_and_its_deprecation_warnings_are_filtered_but_others_are_not():
     code = (
         "import sys, warnings, torch\n"
