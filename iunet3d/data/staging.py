@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -25,6 +26,7 @@ from iunet3d.data.errors import DataError
 PARTIAL_DIR = ".partial"
 REPLACED_PREFIX = ".replaced-"  #: ``.partial/.replaced-<case>``: a case being replaced, deleted right after
 TEMPORARY_PREFIX = ".tmp-"  #: temporary files are ``.tmp-<pid>-<final name>`` beside their final name
+_TEMPORARY_NAME = re.compile(rf"{re.escape(TEMPORARY_PREFIX)}\d+-.")
 
 
 @contextlib.contextmanager
@@ -46,6 +48,18 @@ def atomic_path(path: Path) -> Iterator[Path]:
         temporary.unlink(missing_ok=True)
         raise
     _fsync_directory(path.parent)
+
+
+def remove_temporaries(directory: Path, root: Path) -> None:
+    """Remove the ``.tmp-<pid>-*`` files that killed atomic writes left directly inside ``directory``
+    (inside ``root``). Call it only while nothing else writes there (e.g. holding the dataset's lock):
+    a temporary file is never read, and without this a kill at the wrong instant leaves it for good."""
+    directory = check_inside(directory, root, "directory") if Path(directory) != Path(root) else Path(directory)
+    if not directory.is_dir():
+        return
+    for entry in directory.iterdir():
+        if _TEMPORARY_NAME.match(entry.name) and entry.is_file() and not entry.is_symlink():
+            entry.unlink(missing_ok=True)
 
 
 def atomic_write(path: Path, write: Callable[[BinaryIO], object]) -> None:
@@ -164,5 +178,7 @@ def _set_complete(case: Path, complete: bool) -> None:
 
 
 def remove_partial_cases(dataset: Path) -> None:
-    """Remove what interrupted runs left under ``<dataset>/.partial`` (call it holding the dataset's lock)."""
+    """Remove what interrupted runs left under ``<dataset>/.partial`` and the temporary files of killed
+    writes of the root (call it holding the dataset's lock)."""
     remove_tree(dataset / PARTIAL_DIR, dataset, "staging directory")
+    remove_temporaries(dataset, dataset)

@@ -27,7 +27,7 @@ from iunet3d.data import ome
 from iunet3d.data.case_writer import ALL_CHUNKS_WRITTEN
 from iunet3d.data.dataset import DATASET_KIND, CTCase, read_json_metadata
 from iunet3d.data.errors import DataError
-from iunet3d.data.staging import check_inside, remove_tree, staged_case, write_text_atomically
+from iunet3d.data.staging import check_inside, remove_temporaries, remove_tree, staged_case, write_text_atomically
 from iunet3d.data.storage import StorageOptions, blosc_codec, chunk_shape, codec_pipeline, write_skipped_chunks
 
 PREDICTION = "prediction"
@@ -90,6 +90,7 @@ def write_prediction_in_place(
     slots = [(check_inside(case / "labels", dataset), PREDICTION), (case, PROBABILITIES)]
     for parent, name in slots:
         _recover(parent, name, dataset)
+        remove_temporaries(parent, dataset)  # of metadata writes a killed run began
     label, chances = _create_outputs(_staging(slots[0], "partial"), _staging(slots[1], "partial"), probabilities,
                                      source, class_names, options, record)  # fmt: skip
     fill(label, chances)

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from iunet3d.data.staging import TEMPORARY_PREFIX, atomic_write
+from iunet3d.data.staging import atomic_write, remove_temporaries
 from iunet3d.infer.checkpoint_file import UnsafeCheckpointError, read_checkpoint
 
 CHECKPOINT_NAME = re.compile(r"^step-(\d+)\.pt$")
@@ -50,8 +50,7 @@ class CheckpointManager:
         atomic_write(self.directory / "latest", lambda file: file.write(f"{path.name}\n".encode()))
         for old in self.steps()[: -self.keep]:
             checkpoint_path(self.directory, old).unlink(missing_ok=True)
-        for leftover in self.directory.glob(f"{TEMPORARY_PREFIX}*"):
-            leftover.unlink(missing_ok=True)
+        remove_temporaries(self.directory, self.directory)
         return path
 
     def load_latest(self) -> tuple[Path, dict] | None:

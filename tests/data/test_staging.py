@@ -11,6 +11,7 @@ from iunet3d.data.staging import (
     atomic_write,
     check_inside,
     is_complete_case,
+    remove_temporaries,
     staged_case,
     write_text_atomically,
 )
@@ -47,6 +48,23 @@ def test_atomic_path_hands_a_writer_a_name_with_the_final_suffixes(tmp_path):
         assert not target.exists()
         temporary.write_bytes(b"image")
     assert target.read_bytes() == b"image" and not temporary.exists()
+
+
+def test_only_the_temporary_files_of_atomic_writes_are_removed_as_leftovers(tmp_path):
+    (tmp_path / "case").mkdir()
+    (tmp_path / f"{TEMPORARY_PREFIX}123-zarr.json").write_text("{half")  # what a kill mid-write leaves
+    kept = [tmp_path / "zarr.json", tmp_path / f"{TEMPORARY_PREFIX}notes", tmp_path / ".tmp-x-y"]
+    for path in kept:
+        path.write_text("a user's")
+    (tmp_path / f"{TEMPORARY_PREFIX}7-dir").mkdir()  # not a file: not ours
+    (tmp_path / f"{TEMPORARY_PREFIX}8-link").symlink_to(tmp_path / "zarr.json")
+    remove_temporaries(tmp_path, tmp_path)
+    remaining = sorted(p.name for p in tmp_path.iterdir())
+    assert remaining == sorted(
+        ["case", f"{TEMPORARY_PREFIX}7-dir", f"{TEMPORARY_PREFIX}8-link", *(p.name for p in kept)]
+    )
+    with pytest.raises(DataError, match="outside"):
+        remove_temporaries(tmp_path.parent, tmp_path)
 
 
 def test_a_staged_case_appears_complete_only_when_its_block_ends(tmp_path):
