@@ -72,7 +72,7 @@ def test_data_tools_import_neither_torch_nor_the_model():
 #: The layers of the package, lowest first: a folder imports only from folders of a lower layer (and from
 #: itself). The top-level modules iunet3d/__init__.py and layers.py re-export the model.
 LAYERS = [
-    {"models", "data", "distributed"},
+    {"models", "data", "distributed", "tracking"},
     {"patches", "infer"},
     {"train"},
     {"plan"},
@@ -99,7 +99,8 @@ def package_import_graph() -> dict[str, set[str]]:
 
 
 def test_import_graph_follows_the_layer_order():
-    """models, data, distributed -> patches, infer -> train -> bench -> cli: no import runs back up or sideways."""
+    """models, data, distributed, tracking -> patches, infer -> train -> plan -> bench -> cli: no import runs back
+    up or sideways."""
     layer = {folder: rank for rank, folders in enumerate(LAYERS) for folder in folders}
     layer.update({"__init__": 0, "layers": 0})
     graph = package_import_graph()
@@ -109,7 +110,19 @@ def test_import_graph_follows_the_layer_order():
               and not (source in {"__init__", "layers"} and target == "models")]  # fmt: skip
     assert upward == [], f"imports that run up or sideways across the layers: {upward}"
     assert graph["data"] == set() and graph["models"] == set() and graph["distributed"] == set()
-    assert graph["patches"] == {"data"}
+    assert graph["patches"] == {"data"} and graph["tracking"] == set()
+
+
+def test_wandb_is_imported_only_by_the_tracking_package_and_lazily():
+    for path in PACKAGE.rglob("*.py"):
+        tree = ast.parse(path.read_text())
+        statements = [node for node in tree.body if isinstance(node, ast.Import | ast.ImportFrom)]
+        top_level = {alias.name for node in statements if isinstance(node, ast.Import) for alias in node.names}
+        top_level |= {node.module or "" for node in statements if isinstance(node, ast.ImportFrom)}
+        relative = path.relative_to(PACKAGE).as_posix()
+        assert not any(str(name).split(".")[0] == "wandb" for name in top_level), f"{relative} imports wandb eagerly"
+        if any(name.split(".")[0] == "wandb" for name in imported_modules(path)):
+            assert relative.startswith("tracking/"), f"{relative} imports wandb outside iunet3d/tracking"
 
 
 def test_patch_pipeline_names_still_import_from_data_with_a_deprecation_warning():

@@ -13,8 +13,8 @@ from pathlib import Path
 from iunet3d.data.resampling import check_interpolation, check_target_spacing
 from iunet3d.infer.windows import check_overlap
 from iunet3d.patches.augmentation import AugmentationConfig
+from iunet3d.tracking.wandb_run import WandbConfig
 from iunet3d.train.toml_config import ConfigError, from_dict, load_config, to_dict
-from iunet3d.train.wandb_logger import WandbConfig
 
 PRECISIONS = ("bf16", "fp16", "fp32")
 SCHEDULES = ("cosine", "poly", "constant")

@@ -11,8 +11,8 @@ from torch import nn
 
 from iunet3d.infer.dice import confusion_counts, dice_scores, mean_dice
 from iunet3d.patches import ValidationPatches, validation_loader
+from iunet3d.tracking.wandb_run import SegmentationPanel
 from iunet3d.train.validator import ValidationResult, Validator
-from iunet3d.train.wandb_logger import SegmentationPanel
 
 
 class PatchValidator(Validator):

@@ -16,8 +16,8 @@ import subprocess
 from pathlib import Path
 
 from iunet3d.data.staging import write_text_atomically
+from iunet3d.tracking.wandb_run import generate_run_id
 from iunet3d.train.toml_config import to_toml
-from iunet3d.train.wandb_logger import generate_run_id
 
 
 def git_revision() -> str | None:

@@ -21,6 +21,7 @@ from iunet3d.distributed import Distributed
 from iunet3d.models.precision import autocast_dtype_for
 from iunet3d.models.segmentation import SegmentationIUNet
 from iunet3d.patches import split_cases
+from iunet3d.tracking.wandb_run import WandbLogger, create_logger, sync_command
 from iunet3d.train.checkpoint import CheckpointManager, load_checkpoint
 from iunet3d.train.config import TrainingConfig, check_resume_config
 from iunet3d.train.health import InvertibilityMonitor
@@ -34,7 +35,6 @@ from iunet3d.train.throughput import ThroughputMeter
 from iunet3d.train.toml_config import to_dict
 from iunet3d.train.validator import ValidationResult, Validator
 from iunet3d.train.volume_validation import VolumeValidator
-from iunet3d.train.wandb_logger import WandbLogger, create_logger, sync_command
 
 #: Fault injection for the crash-and-resume tests: "RANK:STEP" makes that rank exit abruptly (code 1)
 #: after finishing STEP, in the first attempt of a torchrun job only (TORCHELASTIC_RESTART_COUNT 0).

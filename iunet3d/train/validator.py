@@ -11,8 +11,8 @@ from torch import nn
 
 from iunet3d.data import CTDataset, CTNormalization
 from iunet3d.distributed import Distributed
+from iunet3d.tracking.wandb_run import SegmentationPanel
 from iunet3d.train.config import ValidationConfig
-from iunet3d.train.wandb_logger import SegmentationPanel
 
 
 @dataclass

@@ -17,8 +17,8 @@ from iunet3d.infer.case_metrics import volume_confusion_counts
 from iunet3d.infer.dice import dice_scores, mean_dice
 from iunet3d.infer.sharding import shard_cases
 from iunet3d.infer.trained_model import TrainedModel, predict_volume
+from iunet3d.tracking.wandb_run import SegmentationPanel
 from iunet3d.train.validator import ValidationResult, Validator
-from iunet3d.train.wandb_logger import SegmentationPanel
 
 
 class VolumeValidator(Validator):

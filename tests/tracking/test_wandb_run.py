@@ -19,8 +19,7 @@ import pytest
 from PIL import Image
 
 from iunet3d.distributed import Distributed
-from iunet3d.train.trainer import Trainer
-from iunet3d.train.wandb_logger import (
+from iunet3d.tracking.wandb_run import (
     NullLogger,
     SegmentationPanel,
     WandbConfig,
@@ -28,6 +27,7 @@ from iunet3d.train.wandb_logger import (
     create_logger,
     resolve_mode,
 )
+from iunet3d.train.trainer import Trainer
 from tests.helpers.train import tiny_config, tiny_dataset
 from tests.helpers.wandb_records import (
     read_offline_config,
@@ -42,7 +42,7 @@ OFFLINE = WandbConfig(mode="offline", project="iunet3d-tests")
 DRIVER = """
 import json, sys, warnings
 from pathlib import Path
-from iunet3d.train.wandb_logger import WandbConfig, create_logger, sync_command
+from iunet3d.tracking.wandb_run import WandbConfig, create_logger, sync_command
 spec = json.loads(sys.argv[1])
 logger = create_logger(WandbConfig(**spec["config"]), Path(spec["run_dir"]), spec["run_config"],
                        run_id=spec["run_id"], resume_step=spec["resume_step"])
@@ -253,7 +253,7 @@ def test_other_ranks_and_disabled_mode_get_a_null_logger_without_importing_wandb
     code = (
         "import sys\n"
         "from pathlib import Path\n"
-        "from iunet3d.train.wandb_logger import WandbConfig, create_logger\n"
+        "from iunet3d.tracking.wandb_run import WandbConfig, create_logger\n"
         f"a = create_logger(WandbConfig(mode='offline'), Path({str(tmp_path)!r}), {{}}, rank=1)\n"
         f"b = create_logger(WandbConfig(mode='disabled'), Path({str(tmp_path)!r}), {{}}, rank=0)\n"
         "for logger in (a, b):\n"
