@@ -22,6 +22,8 @@ from urllib.parse import urlsplit
 import numpy as np
 
 MODES = ("auto", "online", "offline", "disabled")
+CHECKPOINT_POLICIES = ("best", "last", "all", "none")
+MAX_IMAGE_PANELS = 48
 _ENV_MODES = {"online": "online", "run": "online", "offline": "offline", "dryrun": "offline", "disabled": "disabled"}
 _PROJECT_FORBIDDEN = "/\\#?%:"  # W&B rejects these in project names
 
@@ -34,7 +36,13 @@ class WandbConfig:
     name: str | None = None  #: display name; None: W&B picks one
     group: str | None = None
     tags: tuple[str, ...] = ()
-    image_panels: int = 2  #: segmentation panels (middle slices) logged per validation; 0: none
+    #: image cells per validation (and per prediction job): three planes through the largest error of the worst
+    #: cases, at most MAX_IMAGE_PANELS (W&B advises fewer than 50 images per step); 0: tables without images
+    image_panels: int = 8
+    log_checkpoints: str = "best"  #: checkpoints logged as W&B model artifacts: best | last | all | none
+    #: where W&B writes its files (``wandb/offline-run-*``); None: the run directory. A directory outside the run
+    #: directory keeps W&B's files apart (e.g. on a file system the login node can read for ``wandb sync``).
+    dir: str | None = None
     #: seconds ``wandb.init`` may take (online: until the server answers); then one warning, and training goes on
     #: without W&B
     init_timeout: float = 30.0
@@ -49,8 +57,14 @@ class WandbConfig:
         for i, tag in enumerate(self.tags):
             if not isinstance(tag, str) or not 1 <= len(tag) <= 64:
                 raise ValueError(f"wandb.tags[{i}]: expected a string of 1 to 64 characters, got {tag!r}")
-        if self.image_panels < 0:
-            raise ValueError(f"wandb.image_panels: expected an integer >= 0, got {self.image_panels}")
+        if not 0 <= self.image_panels <= MAX_IMAGE_PANELS:
+            raise ValueError(f"wandb.image_panels: expected an integer from 0 to {MAX_IMAGE_PANELS} (W&B advises fewer "
+                             f"than 50 images per step), got {self.image_panels}")  # fmt: skip
+        if self.log_checkpoints not in CHECKPOINT_POLICIES:
+            raise ValueError(f"wandb.log_checkpoints: expected one of {CHECKPOINT_POLICIES}, got "
+                             f"{self.log_checkpoints!r}")  # fmt: skip
+        if self.dir is not None and not str(self.dir).strip():
+            raise ValueError("wandb.dir: expected a directory path or no value, got an empty string")
         if not self.init_timeout > 0:
             raise ValueError(f"wandb.init_timeout: expected a positive number of seconds, got {self.init_timeout}")
 
@@ -156,15 +170,16 @@ class NullLogger(MetricLogger):
 
 
 class WandbLogger(MetricLogger):
-    """A W&B run under ``run_dir/wandb/``. Resume: pass the stored ``run_id`` and the restored step as
-    ``resume_step``; the run continues (online: the same run; offline: a new ``offline-run-*`` folder with the same
-    id, which ``wandb sync`` appends). Steps lower than ``resume_step`` or than the last logged step are dropped
-    with one warning (W&B would drop them silently)."""
+    """A W&B run under ``run_dir/wandb/`` (under ``wandb.dir``/wandb when that is set). Resume: pass the stored
+    ``run_id`` and the restored step as ``resume_step``; the run continues (online: the same run; offline: a new
+    ``offline-run-*`` folder with the same id, which ``wandb sync`` appends). Steps lower than ``resume_step`` or
+    than the last logged step are dropped with one warning (W&B would drop them silently)."""
 
     def __init__(self, config: WandbConfig, run_dir: Path, run_config: dict, run_id: str | None = None,
                  resume_step: int = 0) -> None:  # fmt: skip
         self.mode = resolve_mode(config)
         self.run_dir = Path(run_dir)
+        self.files_dir = Path(config.dir).expanduser() if config.dir else self.run_dir  #: W&B writes ``wandb/`` here
         self._run = None
         self._run_id: str | None = None
         self._failed = False
@@ -174,10 +189,10 @@ class WandbLogger(MetricLogger):
         try:
             import wandb
 
-            self.run_dir.mkdir(parents=True, exist_ok=True)
+            self.files_dir.mkdir(parents=True, exist_ok=True)
             self._run = wandb.init(
                 project=config.project, entity=config.entity, name=config.name, group=config.group,
-                tags=list(config.tags) or None, config=run_config, dir=str(self.run_dir),
+                tags=list(config.tags) or None, config=run_config, dir=str(self.files_dir),
                 id=run_id or generate_run_id(), resume="allow", mode=self.mode,
                 # console="off": no stdout/stderr capture (torchrun and tqdm own the terminal);
                 # finish_previous: never get back another run still active in this process.
@@ -260,6 +275,8 @@ def create_logger(config: WandbConfig, run_dir: Path, run_config: dict, run_id: 
     return WandbLogger(config, run_dir, run_config, run_id=run_id, resume_step=resume_step)
 
 
-def sync_command(run_dir: Path) -> str:
-    """The shell command that uploads the offline runs under ``run_dir`` (in the order they were written)."""
-    return f"wandb sync {shlex.quote(str(Path(run_dir) / 'wandb'))}/offline-run-*"
+def sync_command(files_dir: Path, run_id: str | None = None) -> str:
+    """The shell command that uploads the offline runs under ``files_dir/wandb`` (of ``run_id`` only, when given:
+    a ``wandb.dir`` shared by several runs), in the order they were written."""
+    pattern = f"offline-run-*-{run_id}" if run_id else "offline-run-*"
+    return f"wandb sync {shlex.quote(str(Path(files_dir) / 'wandb'))}/{pattern}"

@@ -367,9 +367,10 @@ class Trainer:
         self.logger.close()
         if isinstance(self.logger, WandbLogger) and self.logger.run_id is not None:
             summary["wandb_mode"] = self.logger.mode
-            summary["wandb_dir"] = str(self.run_dir / "wandb")
+            summary["wandb_dir"] = str(self.logger.files_dir / "wandb")
             if self.logger.mode == "offline":
-                summary["wandb_sync"] = sync_command(self.run_dir)
+                shared = self.config.wandb.dir is not None  # other runs' files may be there too
+                summary["wandb_sync"] = sync_command(self.logger.files_dir, self.logger.run_id if shared else None)
         if self.distributed.is_main:
             write_summary(self.run_dir, summary)
         return summary
