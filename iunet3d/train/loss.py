@@ -25,14 +25,20 @@ class DiceCELoss(nn.Module):
         self.dice_weight, self.ce_weight, self.smooth = dice_weight, ce_weight, smooth
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        terms = self.terms(logits, target)
+        return self.dice_weight * terms["dice"] + self.ce_weight * terms["ce"]
+
+    def terms(self, logits: torch.Tensor, target: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The unweighted terms: ``"dice"`` (1 - soft Dice, mean over patches) and ``"ce"`` (cross-entropy),
+        each a scalar tensor (a weight of 0 skips its term's computation: it is then 0)."""
         if logits.dim() != 5 or target.shape != logits.shape[:1] + logits.shape[2:]:
             raise ValueError(f"logits (B, K, D, H, W) and target (B, D, H, W) expected, got "
                              f"{tuple(logits.shape)} and {tuple(target.shape)}")  # fmt: skip
         if logits.dtype in (torch.float16, torch.bfloat16):
             logits = logits.float()  # softmax and sums in float32 under autocast
-        loss = logits.new_zeros(())
+        dice_term = ce_term = logits.new_zeros(())
         if self.ce_weight:
-            loss = loss + self.ce_weight * F.cross_entropy(logits, target)
+            ce_term = F.cross_entropy(logits, target)
         if self.dice_weight:
             probabilities = logits.softmax(dim=1)[:, 1:]
             one_hot = F.one_hot(target, logits.shape[1]).permute(0, 4, 1, 2, 3)[:, 1:].to(probabilities.dtype)
@@ -42,5 +48,5 @@ class DiceCELoss(nn.Module):
             dice = (2 * intersection + self.smooth) / (total + self.smooth)  # (B, K - 1)
             present = (one_hot.sum(axes) > 0).to(dice.dtype)
             per_patch = ((1 - dice) * present).sum(1) / present.sum(1).clamp_min(1)  # (B,)
-            loss = loss + self.dice_weight * per_patch.mean()
-        return loss
+            dice_term = per_patch.mean()
+        return {"dice": dice_term, "ce": ce_term}

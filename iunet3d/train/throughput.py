@@ -1,4 +1,5 @@
-"""Training metrics between log steps: loss, throughput and peak memory, reduced over all ranks."""
+"""Training metrics between log steps: loss and its terms, gradient norm, throughput and peak memory, reduced
+over all ranks."""
 
 from __future__ import annotations
 
@@ -12,41 +13,55 @@ from iunet3d.distributed import Distributed
 
 
 class ThroughputMeter:
-    """Loss, patches/s, voxels/s and peak memory over the steps since the last ``collect``, reduced over ranks."""
+    """Over the steps since the last ``collect``, reduced over ranks: the mean loss and its unweighted terms (Dice,
+    cross-entropy), the gradient norm before clipping (mean and max; every rank has the same all-reduced
+    gradients), patches/s, voxels/s and peak memory."""
 
     def __init__(self, distributed: Distributed, data, accumulation_steps: int):
         self.distributed = distributed
         self.patches_per_step = data.batch_size * accumulation_steps * distributed.world_size
         self.voxels_per_patch = math.prod(data.patch_size)
         self.loss_sum, self.steps, self.total_steps = 0.0, 0, 0
+        self.dice_sum, self.ce_sum, self.grad_norm_sum, self.grad_norm_max = 0.0, 0.0, 0.0, 0.0
         self.started = self.window_started = time.perf_counter()
         self.last: dict = {}
 
-    def add(self, loss: float) -> None:
+    def add(self, loss: float, terms: dict[str, float] | None = None, grad_norm: float = 0.0) -> None:
+        """One optimizer step: its loss, its loss ``terms`` ("dice", "ce") and its gradient norm before clipping."""
         self.loss_sum += loss
+        self.dice_sum += (terms or {}).get("dice", 0.0)
+        self.ce_sum += (terms or {}).get("ce", 0.0)
+        self.grad_norm_sum += grad_norm
+        self.grad_norm_max = max(self.grad_norm_max, grad_norm) if math.isfinite(grad_norm) else math.inf
         self.steps += 1
         self.total_steps += 1
 
     def collect(self, learning_rate: float) -> dict:
         device = self.distributed.device
-        sums = torch.tensor([self.loss_sum, self.steps], dtype=torch.float64, device=device)
+        sums = torch.tensor([self.loss_sum, self.steps, self.dice_sum, self.ce_sum], dtype=torch.float64, device=device)
         sums = self.distributed.all_reduce(sums)
         memory = self.distributed.all_reduce(torch.tensor([_peak_memory_mb(device)], device=device), op="max")
         elapsed = time.perf_counter() - self.window_started
         patches_per_s = self.patches_per_step * self.steps / elapsed
         self.last = {
             "train/loss": float(sums[0] / sums[1]),
+            "train/loss_dice": float(sums[2] / sums[1]),
+            "train/loss_ce": float(sums[3] / sums[1]),
+            "train/grad_norm": self.grad_norm_sum / max(self.steps, 1),
+            "train/grad_norm_max": self.grad_norm_max,
             "train/lr": learning_rate,
             "perf/patches_per_s": patches_per_s,
             "perf/voxels_per_s": patches_per_s * self.voxels_per_patch,
             "perf/peak_memory_mb": float(memory[0]),
         }
         self.loss_sum, self.steps, self.window_started = 0.0, 0, time.perf_counter()
+        self.dice_sum, self.ce_sum, self.grad_norm_sum, self.grad_norm_max = 0.0, 0.0, 0.0, 0.0
         return self.last
 
     def last_line(self, step: int, steps: int) -> str:
         m = self.last
-        return (f"step {step}/{steps}  loss {m['train/loss']:.4f}  lr {m['train/lr']:.2e}  "
+        return (f"step {step}/{steps}  loss {m['train/loss']:.4f}  grad norm {m['train/grad_norm']:.3g}  "
+                f"lr {m['train/lr']:.2e}  "
                 f"{m['perf/patches_per_s']:.2f} patches/s  peak memory {m['perf/peak_memory_mb']:.0f} MB")  # fmt: skip
 
     def totals(self) -> dict:

@@ -1,5 +1,6 @@
 """The iUNet's reconstruction error, and the trainer's health check that warns when it grows."""
 
+import sys
 import warnings
 
 import pytest
@@ -13,6 +14,7 @@ from iunet3d.train.health import InvertibilityMonitor
 from iunet3d.train.trainer import Trainer
 from tests.helpers.tensors import randomise_parameters
 from tests.helpers.train import tiny_config, tiny_dataset
+from tests.helpers.wandb_records import read_offline_history
 
 
 class _Noisy(nn.Module):
@@ -103,3 +105,25 @@ def test_the_trainer_checks_health_and_reports_it(tmp_path):
     assert checks == [(1, (2, 1, 8, 32, 32)), (2, (2, 1, 8, 32, 32))]
     assert 0 < summary["health/reconstruction_error"] < 1e-5
     assert {f"health/reconstruction_error/level_{i}" for i in range(3)} <= set(summary)
+
+
+@pytest.mark.slow
+def test_the_dashboard_gets_loss_terms_gradient_norm_before_clipping_and_health_at_their_steps(tmp_path):
+    dataset = tiny_dataset(tmp_path / "data", cases=3, shape=(12, 40, 44))
+    config = tiny_config(dataset, tmp_path / "run", "train.steps=4", "train.log_every=2", "train.health_every=2",
+                         "train.clip_grad_norm=1e-4", "validation.every=0", "validation.mode=patch",
+                         "wandb.mode=offline")  # fmt: skip
+    trainer = Trainer(config, Distributed())
+    trainer.fit()
+    sys.modules["wandb"].teardown()
+    history = read_offline_history(tmp_path / "run")
+    logged = {row["_step"]: row for row in history if "train/loss" in row}
+    assert sorted(logged) == [2, 4]
+    for row in logged.values():
+        dice, ce = config.loss.dice_weight * row["train/loss_dice"], config.loss.ce_weight * row["train/loss_ce"]
+        assert row["train/loss"] == pytest.approx(dice + ce)
+        assert row["train/grad_norm_max"] >= row["train/grad_norm"] > 100 * 1e-4  # measured before clipping
+        assert row["train/lr"] > 0 and row["perf/patches_per_s"] > 0 and row["perf/peak_memory_mb"] > 0
+    health = [row["_step"] for row in history if "health/reconstruction_error" in row]
+    assert health == [2, 4] and all(0 < row["health/reconstruction_error"] < 1e-5 for row in history if
+                                    "health/reconstruction_error" in row)  # fmt: skip

@@ -58,6 +58,14 @@ def test_the_weights_combine_the_terms_and_the_ce_term_is_torchs():
     assert torch.allclose(ce_only, torch.nn.functional.cross_entropy(logits, target))
 
 
+def test_the_terms_are_the_unweighted_parts_of_the_loss():
+    logits, target = random_batch()
+    terms = DiceCELoss(2, 3).terms(logits, target)
+    assert torch.allclose(terms["dice"], DiceCELoss(1, 0)(logits, target))
+    assert torch.allclose(terms["ce"], DiceCELoss(0, 1)(logits, target))
+    assert DiceCELoss(0, 1).terms(logits, target)["dice"] == 0  # a zero weight skips its term
+
+
 def test_the_dice_term_covers_foreground_classes_only():
     target = torch.zeros(2, 4, 8, 8, dtype=torch.long)
     background = torch.zeros(2, 4, 4, 8, 8, dtype=torch.float64)
