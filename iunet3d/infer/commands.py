@@ -35,6 +35,26 @@ def add_predict_arguments(parser: argparse.ArgumentParser) -> None:
         help="autocast on CUDA (default bf16); CPU always runs float32",
     )  # fmt: skip
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    tracking = parser.add_argument_group("experiment tracking")
+    tracking.add_argument("--wandb", action="store_true",
+                          help="log the job as a W&B run (job_type predict): a table of the scored cases with three "
+                               "planes through each worst case's largest error, a per-class summary, and a link to "
+                               "the checkpoint's model artifact")  # fmt: skip
+    tracking.add_argument(
+        "--wandb-mode",
+        default="auto",
+        choices=("auto", "online", "offline"),
+        help="auto (default): online with W&B credentials, else offline (WANDB_MODE wins)",
+    )
+    tracking.add_argument(
+        "--wandb-project", default=None, help="W&B project (default: the training run's, else iunet3d)"
+    )
+    tracking.add_argument(
+        "--wandb-dir",
+        default=None,
+        metavar="DIR",
+        help="where W&B writes its files (DIR/wandb; default: the current directory)",
+    )
 
 
 def run_predict(args: argparse.Namespace) -> int:

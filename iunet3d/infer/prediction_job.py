@@ -36,9 +36,12 @@ from iunet3d.infer.prediction_store import (
     write_prediction_case,
     write_prediction_in_place,
 )
+from iunet3d.infer.prediction_tracking import case_result, finish_tracking, start_tracking
 from iunet3d.infer.sharding import shard_cases
 from iunet3d.infer.trained_model import TrainedModel, load_trained_model, predict_volume
 from iunet3d.models.precision import autocast_dtype_for
+from iunet3d.tracking.case_table import CaseResult, keep_worst_panels
+from iunet3d.tracking.wandb_run import WandbConfig
 
 #: A scan coarser than a model's target spacing by more than this along an axis is interpolated into detail
 #: the network never saw in training (it was trained on real voxels of the target size), so predict warns.
@@ -61,14 +64,24 @@ def run_prediction_job(args: argparse.Namespace, dataset: CTDataset, cases: list
     in_place = out == dataset.path.resolve()
     mine = shard_cases({name: math.prod(case.shape) for name, case in opened.items()}, distributed.world_size)
     mine = mine[distributed.rank]
+    tracked, panels = bool(getattr(args, "wandb", False)), WandbConfig().image_panels
     with _output_dataset(out, source, list(opened.values()), in_place, model.class_names, distributed):
-        rows = []
-        for index, name in enumerate(mine, start=1):
-            job = _CaseJob(opened[name], out, source, in_place, f"[{index}/{len(mine)}]")
-            rows += _predict_case(args, model, job, max_memory, distributed, say)
-        gathered = distributed.gather_objects(rows)  # also waits for every rank's cases
-        if distributed.is_main:
-            _remove_scratch(out)
+        logger = start_tracking(args, model, source, cases, distributed.rank)
+        try:
+            rows, results = [], []
+            for index, name in enumerate(mine, start=1):
+                job = _CaseJob(opened[name], out, source, in_place, f"[{index}/{len(mine)}]")
+                case_rows, result = _predict_case(args, model, job, max_memory, distributed, say, tracked)
+                rows += case_rows
+                results += [result] if result is not None else []
+            gathered = distributed.gather_objects((rows, keep_worst_panels(results, panels)))  # waits for all ranks
+            if distributed.is_main:
+                _remove_scratch(out)
+                order = {name: position for position, name in enumerate(cases)}
+                scored = sorted((r for part in gathered for r in part[1]), key=lambda r: order[r.case])
+                finish_tracking(logger, scored, model.class_names, panels)
+        finally:
+            logger.close()  # after a failure too: what was logged reaches W&B
     distributed.barrier()
     if args.nifti is not None:
         args.nifti.mkdir(parents=True, exist_ok=True)
@@ -76,7 +89,7 @@ def run_prediction_job(args: argparse.Namespace, dataset: CTDataset, cases: list
             target = check_inside(args.nifti / f"{opened[name].name}.nii.gz", args.nifti, "NIfTI file")
             say(f"  -> {export_case(out, opened[name].name, target, label=PREDICTION)}")
     if distributed.is_main:
-        _report(sorted((row for part in gathered for row in part), key=lambda row: cases.index(row["case"])), out)
+        _report(sorted((row for part in gathered for row in part[0]), key=lambda row: cases.index(row["case"])), out)
     return 0
 
 
@@ -113,8 +126,10 @@ class _CaseJob:
     counter: str
 
 
-def _predict_case(args, model: TrainedModel, job: _CaseJob, max_memory: int, distributed, say) -> list[dict]:
-    """Predict ``job.case`` whole into ``job.out``; its metric rows when it has a label."""
+def _predict_case(args, model: TrainedModel, job: _CaseJob, max_memory: int, distributed, say,
+                  tracked: bool) -> tuple[list[dict], CaseResult | None]:  # fmt: skip
+    """Predict ``job.case`` whole into ``job.out``; its metric rows when it has a label, and (``tracked``) its
+    result for the W&B table, with three planes through its largest error."""
     case = job.case
     target_shape = model.target_grid(case.shape, case.spacing)
     plan = plan_memory(len(model.class_names), case.shape, model.patch_size, args.batch_size,
@@ -141,10 +156,11 @@ def _predict_case(args, model: TrainedModel, job: _CaseJob, max_memory: int, dis
     say(f"  -> {written / 'labels' / PREDICTION / '0'}")
     reference = _reference_label(case)
     if reference is None:
-        return []
+        return [], None
     prediction = _CaseArray(CTCase(written).label_array(PREDICTION), case, "prediction")
     reference = _CaseArray(case.label_array(reference), case, f"label {reference!r}")
-    return case_metrics(case.name, prediction, reference, model.class_names, case.spacing)
+    rows = case_metrics(case.name, prediction, reference, model.class_names, case.spacing)
+    return rows, case_result(case, image, prediction, reference, rows, model, panel=True) if tracked else None
 
 
 def resampling_line(case: CTCase, target: Sequence[float], target_shape: Sequence[int]) -> str:

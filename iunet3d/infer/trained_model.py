@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import tempfile
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -41,6 +41,10 @@ class TrainedModel:
     target_spacing: tuple[float, float, float] | None = None  #: (z, y, x) mm it runs at; None: each scan's own
     image_interpolation: str = "linear"  #: how images are resampled to ``target_spacing``: "linear" or "cubic"
     training_spacing: tuple[float, float, float] | None = None  #: median (z, y, x) mm of its training data
+    #: where it came from, for experiment tracking: ``wandb_id`` (training run), ``wandb_artifact`` (the model
+    #: artifact this checkpoint was logged as, "model-<id>:step-<N>"), ``wandb_project``, ``wandb_entity``,
+    #: ``git_revision``; each a string or None
+    provenance: dict[str, str | None] = field(default_factory=dict)
 
     def resamples(self, spacing: Sequence[float] | None) -> bool:
         """Whether a scan of ``spacing`` (z, y, x) mm is predicted resampled to ``target_spacing``."""
@@ -91,7 +95,17 @@ def load_trained_model(path: Path | str, device: torch.device | str = "cpu") -> 
         target_spacing=_spacing(state.get("target_spacing"), path, "target_spacing"),
         image_interpolation=_interpolation(state.get("image_interpolation"), path),
         training_spacing=_spacing(state.get("training_spacing"), path, "training_spacing"),
+        provenance=_provenance(state),
     )
+
+
+def _provenance(state: dict) -> dict[str, str | None]:
+    """``TrainedModel.provenance`` from a checkpoint's state; values that are not strings count as absent."""
+    section = (state.get("config") or {}).get("wandb") if isinstance(state.get("config"), dict) else None
+    section = section if isinstance(section, dict) else {}
+    found = {key: state.get(key) for key in ("wandb_id", "wandb_artifact", "git_revision")}
+    found |= {"wandb_project": section.get("project"), "wandb_entity": section.get("entity")}
+    return {key: value if isinstance(value, str) and value else None for key, value in found.items()}
 
 
 def _spacing(value, path: Path, key: str) -> tuple[float, float, float] | None:

@@ -39,7 +39,13 @@ class WandbConfig:
     #: image cells per validation (and per prediction job): three planes through the largest error of the worst
     #: cases, at most MAX_IMAGE_PANELS (W&B advises fewer than 50 images per step); 0: tables without images
     image_panels: int = 8
-    log_checkpoints: str = "best"  #: checkpoints logged as W&B model artifacts: best | last | all | none
+    #: checkpoints logged as versions of one W&B model artifact per training run, ``model-<run id>`` (each copied
+    #: into W&B's staging area when logged, so offline runs keep them for ``wandb sync`` after the run directory
+    #: rotated them away). "best": a checkpoint saved at a step whose validation ``val/dice_mean`` beats every
+    #: earlier one (aliases "best", "step-<N>"), and the final checkpoint (step == train.steps; aliases "last",
+    #: "step-<N>"; one version with "best" and "last" when it is both); "last": the final one only (also "best" when
+    #: its validation is the best); "all": every saved checkpoint, with "best"/"last" where they apply; "none": none
+    log_checkpoints: str = "best"
     #: where W&B writes its files (``wandb/offline-run-*``); None: the run directory. A directory outside the run
     #: directory keeps W&B's files apart (e.g. on a file system the login node can read for ``wandb sync``).
     dir: str | None = None
@@ -149,7 +155,30 @@ class MetricLogger(ABC):
     def log_images(self, panels: list[SegmentationPanel], step: int) -> None: ...
 
     @abstractmethod
+    def log_tables(self, tables: list, step: int) -> None:
+        """Log tables (each with a ``key`` and ``to_wandb()``, e.g. ``CaseTable``, ``ClassSummaryTable``)."""
+
+    @abstractmethod
     def close(self) -> None: ...
+
+    @property
+    def active(self) -> bool:
+        """Whether calls still reach W&B (False: no W&B run, or it failed or was closed)."""
+        return False
+
+    @abstractmethod
+    def log_checkpoint(self, path: Path, name: str, aliases: list[str], metadata: dict) -> None:
+        """Log the file ``path`` as a new version of the model artifact ``name`` with ``aliases`` and ``metadata``
+        (JSON values); the file is copied at once, so it may be removed afterwards."""
+
+    @abstractmethod
+    def update_summary(self, values: dict) -> None:
+        """Set run summary values (e.g. the best validation so far); later updates of a key win."""
+
+    @abstractmethod
+    def use_checkpoint(self, reference: str) -> None:
+        """Declare the model artifact ``reference`` ("[entity/]project/model-<id>:step-<N>") an input of this run,
+        so the dashboard links the training that made it to this run."""
 
 
 class NullLogger(MetricLogger):
@@ -165,7 +194,19 @@ class NullLogger(MetricLogger):
     def log_images(self, panels: list[SegmentationPanel], step: int) -> None:
         pass
 
+    def log_tables(self, tables: list, step: int) -> None:
+        pass
+
     def close(self) -> None:
+        pass
+
+    def log_checkpoint(self, path: Path, name: str, aliases: list[str], metadata: dict) -> None:
+        pass
+
+    def update_summary(self, values: dict) -> None:
+        pass
+
+    def use_checkpoint(self, reference: str) -> None:
         pass
 
 
@@ -176,7 +217,7 @@ class WandbLogger(MetricLogger):
     than the last logged step are dropped with one warning (W&B would drop them silently)."""
 
     def __init__(self, config: WandbConfig, run_dir: Path, run_config: dict, run_id: str | None = None,
-                 resume_step: int = 0) -> None:  # fmt: skip
+                 resume_step: int = 0, job_type: str | None = None) -> None:  # fmt: skip
         self.mode = resolve_mode(config)
         self.run_dir = Path(run_dir)
         self.files_dir = Path(config.dir).expanduser() if config.dir else self.run_dir  #: W&B writes ``wandb/`` here
@@ -193,7 +234,7 @@ class WandbLogger(MetricLogger):
             self._run = wandb.init(
                 project=config.project, entity=config.entity, name=config.name, group=config.group,
                 tags=list(config.tags) or None, config=run_config, dir=str(self.files_dir),
-                id=run_id or generate_run_id(), resume="allow", mode=self.mode,
+                id=run_id or generate_run_id(), resume="allow", mode=self.mode, job_type=job_type,
                 # console="off": no stdout/stderr capture (torchrun and tqdm own the terminal);
                 # finish_previous: never get back another run still active in this process.
                 settings=wandb.Settings(console="off", reinit="finish_previous", init_timeout=config.init_timeout),
@@ -220,6 +261,10 @@ class WandbLogger(MetricLogger):
         if panels and self._accepts(step):
             self._call("could not log images", lambda: self._run.log({p.key: p.to_wandb() for p in panels}, step=step))
 
+    def log_tables(self, tables: list, step: int) -> None:
+        if tables and self._accepts(step):
+            self._call("could not log tables", lambda: self._run.log({t.key: t.to_wandb() for t in tables}, step=step))
+
     def close(self) -> None:
         """Finish the run (flushes and, online, uploads). Safe to call twice."""
         run, self._run = self._run, None
@@ -228,6 +273,41 @@ class WandbLogger(MetricLogger):
                 run.finish()
             except Exception as error:
                 self._fail("could not finish the run", error)
+
+    @property
+    def active(self) -> bool:
+        return self._run is not None and not self._failed
+
+    def log_checkpoint(self, path: Path, name: str, aliases: list[str], metadata: dict) -> None:
+        """A ``type="model"`` artifact version holding ``path`` under its file name. ``add_file``'s default
+        "mutable" policy copies the file into W&B's staging directory (``WANDB_DATA_DIR``) before this returns:
+        offline, ``wandb sync`` uploads that copy, whatever became of the checkpoint since."""
+        if not self.active:
+            return
+
+        def log() -> None:
+            import wandb
+
+            artifact = wandb.Artifact(name, type="model", metadata=dict(metadata))
+            artifact.add_file(str(path), name=Path(path).name, policy="mutable")
+            self._run.log_artifact(artifact, aliases=list(aliases))
+
+        self._call(f"could not log checkpoint {path} as artifact {name}", log)
+
+    def update_summary(self, values: dict) -> None:
+        if self.active:
+            self._call("could not update the run summary", lambda: self._run.summary.update(dict(values)))
+
+    def use_checkpoint(self, reference: str) -> None:
+        """Online: ``run.use_artifact(reference)``. W&B refuses that in offline mode (lineage is drawn by its
+        server), so an offline run only says where the reference is kept (its config, put there by the caller)."""
+        if not self.active:
+            return
+        if self.mode == "offline":
+            print(f"W&B offline: this run's config records the checkpoint artifact {reference}; W&B links it as "
+                  "an input only in online runs", flush=True)  # fmt: skip
+            return
+        self._call(f"could not declare the checkpoint artifact {reference}", lambda: self._run.use_artifact(reference))
 
     def _accepts(self, step: int) -> bool:
         if self._run is None or self._failed:
@@ -267,12 +347,12 @@ def generate_run_id(length: int = 8) -> str:
 
 
 def create_logger(config: WandbConfig, run_dir: Path, run_config: dict, run_id: str | None = None,
-                  resume_step: int = 0, rank: int = 0) -> MetricLogger:  # fmt: skip
+                  resume_step: int = 0, rank: int = 0, job_type: str | None = None) -> MetricLogger:  # fmt: skip
     """A ``WandbLogger`` on rank 0; a ``NullLogger`` on other ranks and when the mode resolves to "disabled"
     (so no ``wandb`` import, no files, and ``run_id`` None: a later resume with W&B on starts a new run)."""
     if rank != 0 or resolve_mode(config) == "disabled":
         return NullLogger()
-    return WandbLogger(config, run_dir, run_config, run_id=run_id, resume_step=resume_step)
+    return WandbLogger(config, run_dir, run_config, run_id=run_id, resume_step=resume_step, job_type=job_type)
 
 
 def sync_command(files_dir: Path, run_id: str | None = None) -> str:

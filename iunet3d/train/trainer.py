@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import time
 from pathlib import Path
 
 import torch
@@ -23,6 +24,12 @@ from iunet3d.models.segmentation import SegmentationIUNet
 from iunet3d.patches import split_cases
 from iunet3d.tracking.wandb_run import WandbLogger, create_logger, sync_command
 from iunet3d.train.checkpoint import CheckpointManager, load_checkpoint
+from iunet3d.train.checkpoint_artifacts import (
+    artifact_name,
+    artifact_reference,
+    checkpoint_aliases,
+    checkpoint_metadata,
+)
 from iunet3d.train.config import TrainingConfig, check_resume_config
 from iunet3d.train.health import InvertibilityMonitor
 from iunet3d.train.loss import DiceCELoss
@@ -30,6 +37,7 @@ from iunet3d.train.patch_validation import PatchValidator
 from iunet3d.train.preemption import PreemptionFlag
 from iunet3d.train.rng_state import capture_rng_state, restore_rng_state
 from iunet3d.train.run_directory import prepare_run_directory, write_summary
+from iunet3d.train.run_fingerprint import dataset_fingerprint, network_layout
 from iunet3d.train.schedule import build_scheduler
 from iunet3d.train.throughput import ThroughputMeter
 from iunet3d.train.toml_config import to_dict
@@ -102,17 +110,21 @@ class Trainer:
         self.loader = self._patch_loader(train_cases, pin_memory=on_cuda)
         self.validator = self._validator(validation_cases) if validation_cases else None
         self.step = 0
+        self.best_validation: tuple[float, int] | None = None  #: (val/dice_mean, step) of the best validation
+        self.last_validation_step: int | None = None
         self.identity = self._prepare_run()
         if resume_from is not None:
             self._resume(*resume_from)
         self.logger = create_logger(
-            config.wandb, self.run_dir, {**to_dict(config), "git_revision": self.identity.get("git_revision")},
+            config.wandb, self.run_dir, self._run_config(train_cases, validation_cases),
             self.identity["wandb_id"], self.step, distributed.rank,
         )  # fmt: skip
         self.preemption = PreemptionFlag()
         self.last_validation: ValidationResult | None = None
         self.health = InvertibilityMonitor(train.health_every, train.health_threshold, distributed, self.autocast)
         self.last_image: torch.Tensor | None = None  # the last micro-batch, for the health check
+        self.last_loss_terms: dict[str, float] = {}  # the last step's unweighted loss terms
+        self.dashboard_seconds = 0.0  # spent on validation panels and tables for W&B (this start)
 
     def _patch_loader(self, cases: list[str], pin_memory: bool):
         from iunet3d.patches import PatchLoader, PatchStream
@@ -173,9 +185,9 @@ class Trainer:
                 preempted, diverged = self._agree(self.preemption.requested, not finite)
                 if diverged:
                     raise TrainingError(self._divergence_message(loss))
-                self.optimizer_step()
+                grad_norm = self.optimizer_step()
                 self.step += 1
-                meter.add(loss)
+                meter.add(loss, self.last_loss_terms, grad_norm)
                 if self.step % train.log_every == 0 or self.step == train.steps:
                     self.logger.log(meter.collect(self.scheduler.get_last_lr()[0]), self.step)
                     self._say(meter.last_line(self.step, train.steps))
@@ -205,7 +217,7 @@ class Trainer:
         """Forward and backward over ``accumulation_steps`` micro-batches; DDP all-reduces on the last."""
         accumulation = self.config.train.accumulation_steps
         self.model.train()
-        total = 0.0
+        total, terms = 0.0, {"dice": 0.0, "ce": 0.0}
         for micro_step in range(accumulation):
             batch = next(self.loader)
             image = self.last_image = self.to_device(batch["image"])
@@ -214,19 +226,28 @@ class Trainer:
             sync = self.model.no_sync() if self.distributed.active and not last else contextlib.nullcontext()
             with sync:
                 with self.autocast():
-                    loss = self.loss(self.model(image), label) / accumulation
+                    parts = self.loss.terms(self.model(image), label)
+                    loss = (self.loss.dice_weight * parts["dice"] + self.loss.ce_weight * parts["ce"]) / accumulation
                 self.scaler.scale(loss).backward()
             total += float(loss.detach())
+            for name, value in parts.items():
+                terms[name] += float(value.detach()) / accumulation
+        self.last_loss_terms = terms
         return total, math.isfinite(total)
 
-    def optimizer_step(self) -> None:
+    def optimizer_step(self) -> float:
+        """Clip (``train.clip_grad_norm`` > 0) and step; returns the gradient norm before clipping (unscaled)."""
+        self.scaler.unscale_(self.optimizer)
+        parameters = [p for p in self.network.parameters() if p.grad is not None]
         if self.config.train.clip_grad_norm > 0:
-            self.scaler.unscale_(self.optimizer)
-            torch.nn.utils.clip_grad_norm_(self.network.parameters(), self.config.train.clip_grad_norm)
+            norm = torch.nn.utils.clip_grad_norm_(parameters, self.config.train.clip_grad_norm)
+        else:
+            norm = torch.nn.utils.get_total_norm([p.grad for p in parameters])
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
+        return float(norm)
 
     def _agree(self, preempted: bool, diverged: bool) -> tuple[bool, bool]:
         """Both flags as the maximum over all ranks: every rank stops (or fails) after the same step."""
@@ -246,21 +267,42 @@ class Trainer:
 
     def validate(self) -> ValidationResult:
         result = self.validator.run(self.network, self.config.wandb.image_panels)
+        started = time.perf_counter()
         self.logger.log(result.metrics(), self.step)
         self.logger.log_images(result.panels, self.step)
+        self.logger.log_tables(result.tables(list(self.dataset.class_names)), self.step)
+        self.dashboard_seconds += result.dashboard_seconds + time.perf_counter() - started
         dice = ", ".join(f"{name} {value:.3f}" for name, value in result.dice.items())
         self._say(f"step {self.step}: validation Dice mean {result.dice_mean:.3f} ({dice})")
-        self.last_validation = result
+        self.last_validation, self.last_validation_step = result, self.step
+        dice_mean = float(result.dice_mean)
+        if math.isfinite(dice_mean) and (self.best_validation is None or dice_mean > self.best_validation[0]):
+            self.best_validation = (dice_mean, self.step)
+            self.logger.update_summary({"val/best_dice_mean": dice_mean, "val/best_step": self.step})
         return result
+
+    def _run_config(self, train_cases: list[str], validation_cases: list[str]) -> dict:
+        """The W&B run config: the config sections, the git revision, the dataset's fingerprint and the network's
+        resolved layout (``run_fingerprint``)."""
+        return {
+            **to_dict(self.config),
+            "git_revision": self.identity.get("git_revision"),
+            "dataset": dataset_fingerprint(self.dataset, train_cases, validation_cases, self.target_spacing),
+            "network": network_layout(self.network, self.config.model.block_depth),
+        }
 
     # ----- checkpoints ---------------------------------------------------------------------------
 
     def save_checkpoint(self) -> Path | None:
-        """All ranks call this (RNG states are gathered); the main rank writes."""
+        """All ranks call this (RNG states are gathered); the main rank writes it, then logs it as a W&B model
+        artifact when ``wandb.log_checkpoints`` asks for it (the state names that artifact version in
+        ``wandb_artifact``, so the decision comes first)."""
         rng_states = self.distributed.gather_objects(capture_rng_state(self.device))
         path = None
         if self.distributed.is_main:
-            path = self.checkpoints.save(self.step, {
+            aliases = self._checkpoint_aliases()
+            run_id = self.identity["wandb_id"]
+            state = {
                 "step": self.step,
                 "model": self.network.state_dict(),
                 "optimizer": self.optimizer.state_dict(),
@@ -279,9 +321,25 @@ class Trainer:
                 "normalization": self.normalization.to_dict(),
                 "wandb_id": self.identity["wandb_id"],
                 "git_revision": self.identity.get("git_revision"),
-            })  # fmt: skip
+                "best_validation": None if self.best_validation is None else list(self.best_validation),
+                "wandb_artifact": None if aliases is None else artifact_reference(run_id, self.step),
+            }  # fmt: skip
+            path = self.checkpoints.save(self.step, state)
+            if aliases is not None:
+                metrics = self.last_validation.metrics() if self.last_validation_step == self.step else None
+                self.logger.log_checkpoint(path, artifact_name(run_id), aliases, checkpoint_metadata(state, metrics))
         self.distributed.barrier()
         return path
+
+    def _checkpoint_aliases(self) -> list[str] | None:
+        """The artifact aliases of the checkpoint of this step, or None when it is not logged (W&B off, or
+        ``wandb.log_checkpoints`` skips it): "best" when this step's validation set the best Dice so far."""
+        if not self.logger.active:
+            return None
+        best_step = None if self.best_validation is None else self.best_validation[1]
+        new_best = best_step == self.step == self.last_validation_step
+        final = self.step >= self.config.train.steps
+        return checkpoint_aliases(self.config.wandb.log_checkpoints, self.step, final, new_best)
 
     def _prepare_run(self) -> dict:
         identity = prepare_run_directory(self.run_dir, self.config) if self.distributed.is_main else None
@@ -332,6 +390,8 @@ class Trainer:
         if len(rng) == self.distributed.world_size:
             restore_rng_state(rng[self.distributed.rank], self.device)
         self.step = int(state["step"])
+        best = state.get("best_validation")
+        self.best_validation = None if best is None else (float(best[0]), int(best[1]))
         self.identity = {**self.identity, "wandb_id": state.get("wandb_id") or self.identity["wandb_id"]}
         self._say(f"resumed from {path} at step {self.step}")
 
@@ -361,9 +421,12 @@ class Trainer:
             **meter.totals(),
         }
         summary.update(self.health.last)
+        summary["dashboard_seconds"] = self.dashboard_seconds  # W&B panels and tables, a share of train_seconds
         if self.last_validation is not None:
             summary["val/dice_mean"] = self.last_validation.dice_mean
             summary.update({f"val/dice/{k}": v for k, v in self.last_validation.dice.items()})
+        if self.best_validation is not None:
+            summary["val/best_dice_mean"], summary["val/best_step"] = self.best_validation
         self.logger.close()
         if isinstance(self.logger, WandbLogger) and self.logger.run_id is not None:
             summary["wandb_mode"] = self.logger.mode

@@ -11,19 +11,30 @@ from torch import nn
 
 from iunet3d.data import CTDataset, CTNormalization
 from iunet3d.distributed import Distributed
+from iunet3d.tracking.case_table import CaseResult, CaseTable, ClassSummaryTable
 from iunet3d.tracking.wandb_run import SegmentationPanel
 from iunet3d.train.config import ValidationConfig
+
+CASES_KEY, CLASSES_KEY = "val/cases", "val/classes"  #: the W&B keys of the case table and the per-class summary
 
 
 @dataclass
 class ValidationResult:
     dice: dict[str, float]  #: per foreground class (NaN: absent from labels and predictions)
     dice_mean: float
-    panels: list[SegmentationPanel] = field(default_factory=list)  #: the main rank's only
+    panels: list[SegmentationPanel] = field(default_factory=list)  #: the main rank's only (patch validation)
+    cases: list[CaseResult] = field(default_factory=list)  #: per held-out case, the main rank's only (whole volume)
+    dashboard_seconds: float = 0.0  #: spent making the cases' panels (slowest rank)
 
     def metrics(self) -> dict[str, float]:
         """``val/dice_mean`` and ``val/dice/<class>`` for the logger."""
         return {"val/dice_mean": self.dice_mean, **{f"val/dice/{name}": v for name, v in self.dice.items()}}
+
+    def tables(self, class_names: list[str]) -> list:
+        """The case table and its per-class summary (none without per-case results)."""
+        if not self.cases:
+            return []
+        return [CaseTable(CASES_KEY, class_names, self.cases), ClassSummaryTable(CLASSES_KEY, class_names, self.cases)]
 
 
 class Validator(ABC):

@@ -7,6 +7,7 @@ Dice on the dashboard is the Dice a user gets from the checkpoint, not a patch-l
 from __future__ import annotations
 
 import math
+import time
 from pathlib import Path
 
 import numpy as np
@@ -17,16 +18,17 @@ from iunet3d.infer.case_metrics import volume_confusion_counts
 from iunet3d.infer.dice import dice_scores, mean_dice
 from iunet3d.infer.sharding import shard_cases
 from iunet3d.infer.trained_model import TrainedModel, predict_volume
-from iunet3d.tracking.wandb_run import SegmentationPanel
-from iunet3d.train.validator import ValidationResult, Validator
+from iunet3d.tracking.case_table import CaseResult, keep_worst_panels
+from iunet3d.tracking.error_planes import largest_error_center, three_plane_panel
+from iunet3d.train.validator import CASES_KEY, ValidationResult, Validator
 
 
 class VolumeValidator(Validator):
     """Predicts this rank's share of the held-out cases whole and sums the Dice counts over all ranks.
 
     Cases are shared out by voxel count (``shard_cases``); a rank with no case contributes zero counts.
-    Panels: per case, the z slice with the most ground-truth foreground, gathered from all ranks onto the
-    main one in case order.
+    Every case's Dice and volumes are gathered onto the main rank (``ValidationResult.cases``, in case order);
+    the ``panels`` worst cases (lowest mean Dice) carry three planes through their largest error.
     """
 
     def __init__(self, *args, scratch: Path | None = None, target_spacing: tuple[float, float, float] | None = None,
@@ -48,7 +50,8 @@ class VolumeValidator(Validator):
                              source=Path("(training)"), target_spacing=self.target_spacing,
                              image_interpolation=self.image_interpolation)  # fmt: skip
         counts = torch.zeros(len(self.class_names), 3, dtype=torch.float64)
-        shown: list[tuple[int, SegmentationPanel]] = []
+        results: list[CaseResult] = []
+        dashboard_seconds = 0.0
         for name in self.mine:
             case = self.dataset.case(name)
             labels = predict_volume(
@@ -58,25 +61,34 @@ class VolumeValidator(Validator):
                 spacing=case.spacing,
             )  # fmt: skip
             reference = np.asarray(case.label_array()[...])
-            counts += volume_confusion_counts(labels, reference, len(self.class_names))
-            if self.cases.index(name) < panels:
-                shown.append((self.cases.index(name), self._panel(case, labels, reference)))
+            case_counts = volume_confusion_counts(labels, reference, len(self.class_names))
+            counts += case_counts
+            started = time.perf_counter()
+            result = CaseResult.from_counts(name, tuple(case.spacing), case_counts, self.class_names)
+            if panels:
+                center = largest_error_center(reference, labels, case.spacing)
+                image = _Normalised(case.image_array, self.normalization)
+                result.panel = three_plane_panel(f"{CASES_KEY}/{name}", image, reference, labels, center,
+                                                 case.spacing, self.class_names)  # fmt: skip
+            results.append(result)
+            dashboard_seconds += time.perf_counter() - started
         counts = self.distributed.all_reduce(counts.to(self.distributed.device)).cpu()
-        gathered = sorted(
-            (pair for part in self.distributed.gather_objects(shown) for pair in part), key=lambda pair: pair[0]
-        )
+        gathered = self.distributed.gather_objects((keep_worst_panels(results, panels), dashboard_seconds))
         dice = dice_scores(counts, self.class_names)
-        panels_shown = []
-        if self.distributed.is_main:
-            for index, (_, panel) in enumerate(gathered):
-                panel.key = f"val/panel/{index}"
-                panels_shown.append(panel)
-        return ValidationResult(dice, mean_dice(dice), panels_shown)
+        if not self.distributed.is_main:
+            return ValidationResult(dice, mean_dice(dice))
+        order = {name: position for position, name in enumerate(self.cases)}
+        cases = keep_worst_panels(sorted((r for part in gathered for r in part[0]), key=lambda r: order[r.case]),
+                                  panels)  # fmt: skip
+        seconds = max(part[1] for part in gathered)  # ranks make their panels at the same time
+        return ValidationResult(dice, mean_dice(dice), cases=cases, dashboard_seconds=seconds)
 
-    def _panel(self, case, labels: np.ndarray, reference: np.ndarray) -> SegmentationPanel:
-        """The z slice with the most labelled voxels (the middle one if none), as the network saw it."""
-        foreground = (reference > 0).sum(axis=(1, 2))
-        z = int(foreground.argmax()) if foreground.any() else reference.shape[0] // 2
-        image = self.normalization(np.asarray(case.image_array[z]))
-        caption = f"{case.name} z={z} (whole volume {tuple(case.shape)})"
-        return SegmentationPanel("val/panel", image, reference[z], labels[z], self.class_names, caption)
+
+class _Normalised:
+    """``image[region]`` normalised as the network sees it, for display: reads only what is indexed."""
+
+    def __init__(self, image, normalization):
+        self.image, self.normalization, self.shape = image, normalization, tuple(image.shape)
+
+    def __getitem__(self, region) -> np.ndarray:
+        return self.normalization(np.asarray(self.image[region]))

@@ -87,6 +87,7 @@ class OfflineRunFile:
     config: dict = field(default_factory=dict)
     history: list[dict] = field(default_factory=list)
     complete: bool = False  #: the file ends with the run's exit record
+    job_type: str = ""  #: e.g. "predict"
 
 
 def read_offline_file(path: Path) -> OfflineRunFile:
@@ -95,6 +96,7 @@ def read_offline_file(path: Path) -> OfflineRunFile:
         kind = record.WhichOneof("record_type")
         if kind == "run":
             run.run_id = record.run.run_id
+            run.job_type = record.run.job_type
             run.start_time = record.run.start_time.seconds + record.run.start_time.nanos * 1e-9
             for item in record.run.config.update:
                 _put(run.config, item)
@@ -138,3 +140,66 @@ def read_offline_config(run_dir: Path, run_id: str | None = None) -> dict:
     for run in read_offline_runs(run_dir, run_id):
         config.update(run.config)
     return config
+
+
+def read_offline_summary(run_dir: Path, run_id: str | None = None) -> dict:
+    """The run summary as set by ``run.summary.update`` (the ``summary`` records; later updates of a key win,
+    across resumed runs), without W&B's own ``_wandb`` entry."""
+    summary: dict = {}
+    for run in read_offline_runs(run_dir, run_id):
+        for record in read_records(run.path):
+            if record.WhichOneof("record_type") == "summary":
+                for item in record.summary.update:
+                    _put(summary, item)
+    summary.pop("_wandb", None)
+    return summary
+
+
+@dataclass
+class OfflineArtifact:
+    """One logged artifact version as the offline run recorded it (``wandb sync`` uploads it from this)."""
+
+    name: str
+    type: str
+    aliases: list[str]
+    metadata: dict
+    digest: str
+    #: manifest entries: path in the artifact -> {"digest": base64 MD5, "size": bytes, "local_path": staged copy}
+    entries: dict[str, dict]
+
+
+def read_offline_artifacts(run_dir: Path, run_id: str | None = None) -> list[OfflineArtifact]:
+    """The ``artifact`` records of the run (``run.log_artifact``), in the order they were logged."""
+    artifacts = []
+    for run in read_offline_runs(run_dir, run_id):
+        for record in read_records(run.path):
+            if record.WhichOneof("record_type") != "artifact":
+                continue
+            artifact = record.artifact
+            entries = {
+                entry.path: {"digest": entry.digest, "size": entry.size, "local_path": entry.local_path}
+                for entry in artifact.manifest.contents
+            }
+            metadata = json.loads(artifact.metadata) if artifact.metadata else {}
+            artifacts.append(OfflineArtifact(artifact.name, artifact.type, list(artifact.aliases), metadata,
+                                             artifact.digest, entries))  # fmt: skip
+    return artifacts
+
+
+def read_logged_table(run_dir: Path, value: dict, run_id: str | None = None) -> dict:
+    """The ``wandb.Table`` a history value (``{"_type": "table-file", "artifact_path": ..., "path": ...}``) refers
+    to: ``{"columns": [...], "data": [[...]], "files": {path in the table: staged file}}``.
+
+    ``run.log`` writes a table twice: ``files/<value["path"]>`` holds its rows with media cells as bare type names
+    ("Image"); the full table, media cells as ``{"_type": "image-file", "path": "media/images/....png", "masks":
+    {...}}``, goes into a run-table artifact (``artifact_path``: ``wandb-client-artifact://<client id>/<name>``)
+    whose files an offline run stages under ``WANDB_DATA_DIR/artifacts/staging`` and lists in its manifest.
+    """
+    client_id, _, name = value["artifact_path"].removeprefix("wandb-client-artifact://").partition("/")
+    for run in read_offline_runs(run_dir, run_id):
+        for record in read_records(run.path):
+            if record.WhichOneof("record_type") == "artifact" and record.artifact.client_id == client_id:
+                files = {entry.path: Path(entry.local_path) for entry in record.artifact.manifest.contents}
+                table = json.loads(files[name].read_text())
+                return {"columns": table["columns"], "data": table["data"], "files": files}
+    raise ValueError(f"{run_dir}: no artifact {client_id} of table {value.get('path')!r}")

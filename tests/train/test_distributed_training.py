@@ -28,7 +28,12 @@ from iunet3d.train.loss import DiceCELoss
 from iunet3d.train.trainer import CRASH_ENV
 from tests.helpers.ddp_gradients_worker import ENGINES, MODES, gradients, micro_batches, network_and_batch
 from tests.helpers.train import DEMO_CONFIG, TINY, overrides
-from tests.helpers.wandb_records import read_offline_config, read_offline_history, read_offline_run_ids
+from tests.helpers.wandb_records import (
+    read_logged_table,
+    read_offline_config,
+    read_offline_history,
+    read_offline_run_ids,
+)
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
@@ -190,8 +195,33 @@ def test_the_offline_wandb_run_holds_the_logged_keys_at_their_steps(demo):
                 "health/reconstruction_error", "health/reconstruction_error/level_0"):  # fmt: skip
         assert steps_with(key) == [3, 6], key
     assert all(0 < row["health/reconstruction_error"] < 1e-5 for row in history if "health/reconstruction_error" in row)
-    panels = [row["val/panel/0"] for row in history if "val/panel/0" in row]
-    assert len(panels) == 2 and panels[0]["_type"] == "image-file"
+    for key in ("train/loss_dice", "train/loss_ce", "train/grad_norm", "train/grad_norm_max"):
+        assert steps_with(key) == list(range(1, STEPS + 1)), key
+    assert steps_with("val/cases") == [3, 6] and steps_with("val/classes") == [3, 6]
+    # The case table holds both ranks' held-out cases, each with its own Dice from the step-6 network.
+    from iunet3d.data import open_dataset
+    from iunet3d.infer.case_metrics import volume_confusion_counts
+    from iunet3d.infer.dice import dice_scores
+    from iunet3d.infer.trained_model import load_trained_model, predict_volume
+    from iunet3d.patches import split_cases
+    from iunet3d.train.config import load_training_config
+
+    config = load_training_config(run_dir / "config.toml")
+    dataset = open_dataset(config.data.dataset)
+    held_out = split_cases(dataset.case_names, 2, config.data.split_seed)[1]
+    model = load_trained_model(run_dir / "checkpoints" / "step-6.pt")
+    table = read_logged_table(
+        run_dir, next(row["val/cases"] for row in history if row["_step"] == 6 and "val/cases" in row)
+    )
+    assert [line[0] for line in table["data"]] == held_out
+    for name, line in zip(held_out, table["data"], strict=True):
+        case = dataset.case(name)
+        own = dice_scores(volume_confusion_counts(predict_volume(model, case.image_array), case.label_array()[...], 4),
+                          model.class_names)  # fmt: skip
+        for class_name, value in own.items():
+            logged = line[table["columns"].index(f"dice/{class_name}")]
+            assert (logged is None and value != value) or logged == pytest.approx(value), (name, class_name)
+        assert line[-1]["_type"] == "image-file"  # both cases are among the 8 worst: both have panels
     config = read_offline_config(run_dir, run_id)
     assert config["train"]["steps"] == STEPS and config["data"]["dataset"] == str(demo[0] / "data")
 

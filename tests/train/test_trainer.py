@@ -152,10 +152,19 @@ def test_whole_volume_validation_gives_the_dice_and_panels_of_predict_volume_on_
     result = trainer.last_validation
     assert result.dice == pytest.approx(expected, nan_ok=True)
     assert summary["val/dice_mean"] == pytest.approx(mean_dice(expected), nan_ok=True)
-    assert [panel.key for panel in result.panels] == ["val/panel/0", "val/panel/1"]
-    for name, panel in zip(held_out, result.panels, strict=True):
+    assert result.panels == [] and [r.case for r in result.cases] == held_out  # one result per held-out case
+    for name, case_result in zip(held_out, result.cases, strict=True):
         reference = np.asarray(open_dataset(dataset).case(name).label_array()[...])
-        z = int((reference > 0).sum(axis=(1, 2)).argmax())
-        assert panel.caption.startswith(f"{name} z={z} (whole volume")
-        assert np.array_equal(panel.label, reference[z]) and np.array_equal(panel.prediction, predictions[name][z])
-        assert panel.image.shape == reference.shape[1:] and panel.label.any()
+        own = dice_scores(volume_confusion_counts(predictions[name], reference, 4), model.class_names)
+        assert case_result.dice == pytest.approx(own, nan_ok=True)
+        assert case_result.spacing == pytest.approx((2.5, 0.8, 0.8))
+        voxel_ml = 2.5 * 0.8 * 0.8 / 1000
+        for value, class_name in enumerate(model.class_names[1:], start=1):
+            assert case_result.reference_ml[class_name] == pytest.approx((reference == value).sum() * voxel_ml)
+            assert case_result.predicted_ml[class_name] == pytest.approx((predictions[name] == value).sum() * voxel_ml)
+        z, y, x = (int(v) for v in case_result.panel.caption.split("at ")[1].split(" (")[0].replace("z=", "")
+                   .replace("y=", "").replace("x=", "").split())  # fmt: skip
+        if (predictions[name] != reference).any():
+            assert predictions[name][z, y, x] != reference[z, y, x]  # the planes pass through an error
+        axial = case_result.panel.label[: reference.shape[1], : reference.shape[2]]
+        assert np.array_equal(axial, reference[z])  # the first tile is the axial plane at z
