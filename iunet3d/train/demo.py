@@ -111,6 +111,6 @@ def format_summary(summary: dict, seconds: float) -> str:
         lines.append(f"  W&B run      {summary['wandb_id']} ({summary['wandb_mode']}), files in {summary['wandb_dir']}")
     if summary.get("wandb_dir") and summary.get("train_seconds"):
         spent, total = summary.get("dashboard_seconds", 0.0), summary["train_seconds"]
-        lines.append(f"  dashboards   {spent:.1f} s of {total:.0f} s training ({spent / total:.2%}) on case tables "
-                     "and panels")  # fmt: skip
+        lines.append(f"  dashboards   {spent:.1f} s of {total:.0f} s training ({spent / total:.2%}) on W&B tables, "
+                     "panels and checkpoint artifacts")  # fmt: skip
     return "\n".join(lines)

@@ -124,7 +124,7 @@ class Trainer:
         self.health = InvertibilityMonitor(train.health_every, train.health_threshold, distributed, self.autocast)
         self.last_image: torch.Tensor | None = None  # the last micro-batch, for the health check
         self.last_loss_terms: dict[str, float] = {}  # the last step's unweighted loss terms
-        self.dashboard_seconds = 0.0  # spent on validation panels and tables for W&B (this start)
+        self.dashboard_seconds = 0.0  # spent on W&B panels, tables and checkpoint artifacts (this start)
 
     def _patch_loader(self, cases: list[str], pin_memory: bool):
         from iunet3d.patches import PatchLoader, PatchStream
@@ -327,7 +327,9 @@ class Trainer:
             path = self.checkpoints.save(self.step, state)
             if aliases is not None:
                 metrics = self.last_validation.metrics() if self.last_validation_step == self.step else None
+                started = time.perf_counter()
                 self.logger.log_checkpoint(path, artifact_name(run_id), aliases, checkpoint_metadata(state, metrics))
+                self.dashboard_seconds += time.perf_counter() - started  # W&B copies the file to its staging area
         self.distributed.barrier()
         return path
 
