@@ -8,7 +8,8 @@ and ``predict_volume`` segments it twice, reading it window by window from that 
   ``accumulator_bytes`` = 4 * (classes + 1) bytes per voxel, which grow with the volume;
 - streaming: ``max_memory=--max-memory`` MB and ``scratch`` under ``--dir``, so (once the volume is too
   large for that limit) the sums go through predict_volume's temporary chunked Zarr accumulator on disk,
-  of which only the chunks a window touches are held at a time.
+  of which only the chunk rows (along z) a window touches are held at a time (its slab cache, when that
+  fits in the limit: ``slab_cache`` in the JSON), else only the chunks a window touches.
 
 In both modes the labels go into a uint8 Zarr array on disk chunked and compressed like our stores
 (``out=``), so the only difference is where the accumulator lives. Whether a run really streamed is
@@ -35,6 +36,13 @@ the limit and be accumulated in memory: ``warmup_streamed`` in the JSON says), t
 - the labels, read back after the clock: their SHA-256 and class counts. The parent compares the modes'
   labels per size (and reports the fraction of differing voxels if they differ).
 
+With ``--against monai`` a third mode, ``monai``, runs MONAI's ``sliding_window_inference`` (Gaussian
+blending, sigma 1/8 of the patch) with the same network, weights, windows and batch size on the same volume,
+read whole into memory, in its own fresh worker (``iunet3d.bench.monai_predict``, which also says how its
+windows and weights compare with ours); that worker then compares our blended softmax with MONAI's on the
+volume's corner (at most 32x128x128): ``max_prob_diff``. The labels of all modes are compared with ours in
+memory.
+
 The modes run in turn per size (memory first for even sizes and repeats, streaming first for odd ones),
 so that load on a shared machine hits both alike; with ``--repeats`` > 1 the table shows medians. The
 stores were just written, so reads come from the OS page cache. MB = 2**20 bytes throughout.
@@ -59,6 +67,7 @@ from pathlib import Path
 from iunet3d.bench.memory import _reset_peak_rss, _rss_mb
 
 MODES = ("memory", "streaming")
+MONAI_MODE = "monai"
 SPACING = (2.5, 0.8, 0.8)  #: mm (z, y, x) of the phantoms
 SEED = 0  #: of the phantoms and of the network's weights
 HU_WINDOW = (-1000.0, 1000.0)
@@ -85,6 +94,8 @@ class RunResult:
     warmup_streamed: bool  #: the warm-up (the volume's small corner) went through a Zarr accumulator
     labels_sha256: str
     label_counts: list[int]  #: voxels per class
+    slab_cache: bool = False  #: streamed with the accumulator's slab cache (it fit in --max-memory)
+    agreement: dict | None = None  #: monai mode: windows and probabilities compared with ours (monai_predict)
 
 
 def parse_size(text: str) -> tuple[int, int, int]:
@@ -190,6 +201,16 @@ def _predict(model, image, out, args: argparse.Namespace, mode: str, scratch: Pa
     return time.perf_counter() - begin, scratch.stat().st_mtime_ns != 0
 
 
+def _slab_cache(model, shape, out, args: argparse.Namespace) -> bool:
+    """Whether predict_volume's streamed accumulator held its slab cache (as it decides)."""
+    from iunet3d.infer.memory_plan import plan_memory
+    from iunet3d.infer.trained_model import _slabs_fit
+
+    max_memory = int(args.max_memory * MB)
+    plan = plan_memory(args.classes, shape, args.patch, args.batch_size, out.chunks, False, max_memory, None)
+    return plan.streamed and _slabs_fit(plan, args.classes, shape, args.patch, max_memory)
+
+
 def measure(args: argparse.Namespace) -> dict:
     """Warm up, then time one prediction of ``args.size`` in ``args.mode``; a dict for the parent."""
     import gc
@@ -219,6 +240,7 @@ def measure(args: argparse.Namespace) -> dict:
     peak = _rss_mb("VmHWM")
     labels = np.asarray(out[...])
     return {
+        "slab_cache": streamed and _slab_cache(model, shape, out, args),
         "seconds": seconds, "baseline_rss_mb": baseline, "peak_rss_mb": peak, "streamed": streamed,
         "warmup_s": warmup_s, "warmup_streamed": warmup_streamed,
         "labels_sha256": hashlib.sha256(labels.tobytes()).hexdigest(),
@@ -229,12 +251,17 @@ def measure(args: argparse.Namespace) -> dict:
 def _worker_main() -> None:
     parser = argparse.ArgumentParser(description="one measurement of iunet3d bench predict (internal)")
     parser.add_argument("--worker", action="store_true")
-    parser.add_argument("--mode", choices=MODES, required=True)
+    parser.add_argument("--mode", choices=(*MODES, MONAI_MODE), required=True)
     parser.add_argument("--size", required=True)
     add_arguments(parser)
     args = parser.parse_args()
     try:
-        report = measure(args)
+        if args.mode == MONAI_MODE:
+            from iunet3d.bench.monai_predict import measure as measure_monai
+
+            report = measure_monai(args)
+        else:
+            report = measure(args)
     except ValueError as error:  # predict_volume refused the settings (e.g. a limit too small to stream)
         report = {"error": str(error)}
     print(json.dumps(report), flush=True)
@@ -267,18 +294,24 @@ def run_worker(args: argparse.Namespace, directory: Path, shape, mode: str, repe
         peak_growth_mb=round(report["peak_rss_mb"] - report["baseline_rss_mb"], 2), streamed=report["streamed"],
         warmup_s=round(report["warmup_s"], 3), warmup_streamed=report["warmup_streamed"],
         labels_sha256=report["labels_sha256"], label_counts=report["label_counts"],
+        slab_cache=report.get("slab_cache", False),
+        agreement={key: value for key, value in report.items() if key not in _MEASURED} if mode == MONAI_MODE else None,
     )  # fmt: skip
 
 
-def differing_fraction(directory: Path, shape) -> float:
-    """Fraction of voxels whose labels differ between the two modes' last runs."""
+_MEASURED = ("slab_cache", "seconds", "baseline_rss_mb", "peak_rss_mb", "streamed", "warmup_s", "warmup_streamed",
+             "labels_sha256", "label_counts")  # fmt: skip
+
+
+def differing_fraction(directory: Path, shape, other: str = "streaming") -> float:
+    """Fraction of voxels whose labels differ between the last runs of the memory mode and ``other``."""
     import numpy as np
 
     from iunet3d.data.storage import open_volume_array
 
-    memory, streaming = (np.asarray(open_volume_array(size_dir(directory, shape) / f"labels-{mode}.zarr")[...])
-                         for mode in MODES)  # fmt: skip
-    return float(np.mean(memory != streaming))
+    memory, theirs = (np.asarray(open_volume_array(size_dir(directory, shape) / f"labels-{mode}.zarr")[...])
+                      for mode in ("memory", other))  # fmt: skip
+    return float(np.mean(memory != theirs))
 
 
 def summarise(args: argparse.Namespace, directory: Path, shape, runs: list[RunResult]) -> dict:
@@ -289,7 +322,7 @@ def summarise(args: argparse.Namespace, directory: Path, shape, runs: list[RunRe
     entry: dict = {"shape": list(shape), "voxels": math.prod(shape),
                    "accumulator_bytes": accumulator_bytes(args.classes, shape),
                    "windows": len(window_grid(shape, args.patch, args.overlap))}  # fmt: skip
-    for mode in MODES:
+    for mode in _modes(args):
         mine = [r for r in runs if r.mode == mode]
         entry[mode] = {
             "seconds": round(statistics.median(r.seconds for r in mine), 4),
@@ -297,13 +330,39 @@ def summarise(args: argparse.Namespace, directory: Path, shape, runs: list[RunRe
             "peak_growth_mb": round(statistics.median(r.peak_growth_mb for r in mine), 2),
             "peak_rss_mb": round(statistics.median(r.peak_rss_mb for r in mine), 2),
             "streamed": all(r.streamed for r in mine),
+            "slab_cache": all(r.slab_cache for r in mine),
         }
     entry["speed_ratio"] = round(entry["streaming"]["voxels_per_s"] / entry["memory"]["voxels_per_s"], 3)
-    hashes = {r.labels_sha256 for r in runs}
+    hashes = {r.labels_sha256 for r in runs if r.mode in MODES}
     entry["labels_equal"] = len(hashes) == 1
     entry["differing_fraction"] = 0.0 if entry["labels_equal"] else differing_fraction(directory, shape)
     entry["label_counts"] = runs[0].label_counts
+    if MONAI_MODE in entry:
+        theirs = [r for r in runs if r.mode == MONAI_MODE]
+        entry["ours_vs_monai"] = round(entry["memory"]["seconds"] / entry[MONAI_MODE]["seconds"], 3)
+        entry["streamed_vs_memory"] = round(entry["streaming"]["seconds"] / entry["memory"]["seconds"], 3)
+        entry["monai_labels_differ"] = differing_fraction(directory, shape, MONAI_MODE)
+        entry["agreement"] = theirs[-1].agreement
     return entry
+
+
+def _modes(args: argparse.Namespace) -> tuple[str, ...]:
+    return (*MODES, MONAI_MODE) if args.against == "monai" else MODES
+
+
+def json_line(entry: dict) -> str:
+    """One line of JSON per size for ``--json`` without a file: seconds, peaks (+MB) and agreement."""
+    line = {"shape": entry["shape"], "seconds_ours": entry["memory"]["seconds"],
+            "seconds_ours_streamed": entry["streaming"]["seconds"], "streamed": entry["streaming"]["streamed"],
+            "peak_mb_ours": entry["memory"]["peak_growth_mb"],
+            "peak_mb_ours_streamed": entry["streaming"]["peak_growth_mb"],
+            "slab_cache": entry["streaming"]["slab_cache"],
+            "labels_equal": entry["labels_equal"]}  # fmt: skip
+    if MONAI_MODE in entry:
+        line |= {"seconds_monai": entry[MONAI_MODE]["seconds"], "peak_mb_monai": entry[MONAI_MODE]["peak_growth_mb"],
+                 "ours_vs_monai": entry["ours_vs_monai"], "streamed_vs_memory": entry["streamed_vs_memory"],
+                 "monai_labels_differ": entry["monai_labels_differ"], **entry["agreement"]}  # fmt: skip
+    return json.dumps(line)
 
 
 def format_table(sizes: list[dict], header: str) -> str:
@@ -326,6 +385,21 @@ def format_table(sizes: list[dict], header: str) -> str:
             f"| {streaming['voxels_per_s'] / 1e6:.3f} | {streaming['peak_growth_mb']:.1f} "
             f"| {entry['speed_ratio']:.2f}x | {equal} |"
         )
+    against = [entry for entry in sizes if MONAI_MODE in entry]
+    if against:
+        lines += ["", "| shape | ours s | MONAI s | ours/MONAI time | streamed/ours time | ours peak +MB "
+                  "| MONAI peak +MB | streamed peak +MB | same windows | max prob diff (MONAI's Gaussian) "
+                  "| max prob diff (same weights) | labels differing from MONAI |", "|---" * 12 + "|"]  # fmt: skip
+        for entry in against:
+            memory, streaming, monai, agreement = (entry["memory"], entry["streaming"], entry[MONAI_MODE],
+                                                   entry["agreement"])  # fmt: skip
+            lines.append(
+                f"| {size_name(entry['shape'])} | {memory['seconds']:.2f} | {monai['seconds']:.2f} "
+                f"| {entry['ours_vs_monai']:.3f} | {entry['streamed_vs_memory']:.3f} | {memory['peak_growth_mb']:.1f} "
+                f"| {monai['peak_growth_mb']:.1f} | {streaming['peak_growth_mb']:.1f} | "
+                f"{'yes' if agreement['same_windows'] else 'no'} | {agreement['max_prob_diff']:.2e} "
+                f"| {agreement['max_prob_diff_same_weights']:.2e} | {entry['monai_labels_differ']:.2e} |"
+            )
     return "\n".join(lines)
 
 
@@ -366,6 +440,11 @@ def _validate(args: argparse.Namespace) -> list[tuple[int, int, int]]:
         raise ValueError(f"--overlap: expected 0 <= overlap < 1, got {args.overlap}")
     if not (math.isfinite(args.max_memory) and args.max_memory > 0):
         raise ValueError(f"--max-memory: expected a positive number of MB, got {args.max_memory}")
+    if args.against == "monai":
+        try:
+            import monai  # noqa: F401
+        except ImportError:
+            raise ValueError("--against monai: MONAI is not installed (pip install 'iunet3d[monai]')") from None
     if args.dir is not None and Path(args.dir).exists() and not Path(args.dir).is_dir():
         raise ValueError(f"--dir: {args.dir} exists and is not a directory")
     try:
@@ -390,7 +469,7 @@ def run(args: argparse.Namespace) -> int:
         for index, shape in enumerate(sizes):
             mine = []
             for repeat in range(args.repeats):
-                for mode in MODES if (index + repeat) % 2 == 0 else MODES[::-1]:
+                for mode in _modes(args) if (index + repeat) % 2 == 0 else _modes(args)[::-1]:
                     result = run_worker(args, directory, shape, mode, repeat)
                     mine.append(result)
                     note = " (fits: in memory)" if mode == "streaming" and not result.streamed else ""
@@ -400,8 +479,11 @@ def run(args: argparse.Namespace) -> int:
             runs += mine
             summary.append(summarise(args, directory, shape, mine))
     header = _header(args)
-    print(format_table(summary, header))
-    if args.json:
+    print(format_table(summary, header), file=sys.stderr if args.json == "-" else sys.stdout)
+    if args.json == "-":
+        for entry in summary:
+            print(json_line(entry), flush=True)
+    elif args.json:
         settings = {key: value for key, value in vars(args).items() if key not in ("handler", "json")}
         report = {"header": header, "settings": settings, "cpu_count": os.cpu_count(), "sizes": summary,
                   "runs": [asdict(r) for r in runs]}  # fmt: skip
@@ -419,12 +501,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--classes", type=int, default=4, help="output classes, background included (default 4)")
     add("--batch-size", type=int, default=2, help="windows per forward pass (default 2)")
     add("--overlap", type=float, default=0.5, help="window overlap, 0 <= overlap < 1 (default 0.5)")
-    add("--max-memory", type=float, default=16.0, metavar="MB",
-        help="predict_volume's memory limit in streaming mode (default 16)")  # fmt: skip
+    add("--max-memory", type=float, default=80.0, metavar="MB",
+        help="predict_volume's memory limit in streaming mode (default 80: below what 96x256x256 needs in memory, "
+             "enough for the slab cache of a 320x320 plane)")  # fmt: skip
     add("--repeats", type=int, default=1, help="runs per size and mode; the table shows medians (default 1)")
     add("--threads", type=int, default=os.cpu_count() or 1, help="torch threads per worker (default: CPU cores)")
     add("--dir", default=None, help="where the stores and scratch go, kept (default: a temporary directory)")
-    add("--json", default=None, metavar="FILE", help="also write all raw results to FILE as JSON")
+    add("--json", nargs="?", const="-", default=None, metavar="FILE",
+        help="also write all raw results to FILE as JSON; without FILE: one JSON line per size on stdout "
+             "(seconds_ours, seconds_monai, seconds_ours_streamed, peak_mb_*, max_prob_diff), "
+             "the table on stderr")  # fmt: skip
+    add("--against", choices=("monai",), default=None,
+        help="also run MONAI's sliding_window_inference on the same network and volume "
+             "(pip install monai)")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -3,7 +3,10 @@
 Both keep ``sum_w(w * output)`` (K, D, H, W) and ``sum_w(w)`` (D, H, W) and hand back the blended
 output ``sum / weight`` block by block, so the caller never needs the whole result at once. The Zarr
 accumulator holds only the chunks a window touches while it adds it, so its memory does not grow with
-the volume; its chunks are aligned to whole blocks, which are finalised one at a time.
+the volume; its chunks are aligned to whole blocks, which are finalised one at a time. With ``slabs`` it
+instead keeps the rows of chunks (along z, the slowest axis) that the current window covers in memory
+(``slab_cache_bytes``: a few chunk rows across the whole y-x plane, independent of the volume's depth) and
+writes each row once, when the windows (z-major) have moved past it.
 """
 
 from __future__ import annotations
@@ -22,6 +25,13 @@ def accumulator_bytes(num_classes: int, shape: Sequence[int]) -> int:
     return 4 * (num_classes + 1) * math.prod(shape)
 
 
+def slab_cache_bytes(num_classes: int, shape: Sequence[int], patch: Sequence[int], chunk: Sequence[int]) -> int:
+    """Bytes of a ``ZarrAccumulator``'s slab cache: the chunk rows along z one window of ``patch`` can cover,
+    each (K + 1, chunk_z, H, W) float32."""
+    rows = min(math.ceil(shape[0] / chunk[0]), math.ceil(patch[0] / chunk[0]) + 1)
+    return accumulator_bytes(num_classes, (rows * chunk[0], *shape[1:]))
+
+
 class _Accumulator:
     """Blending shared by both: ``sums`` (K, D, H, W) and ``weights`` (D, H, W), numpy or Zarr arrays."""
 
@@ -35,6 +45,14 @@ class _Accumulator:
         channels = (slice(None), *region)
         self.sums[channels] = self.sums[channels] + output * weight
         self.weights[region] = self.weights[region] + weight
+
+    def _add_in_place(self, sums: np.ndarray, weights: np.ndarray, region, output, weight) -> None:
+        """``sums[:, region] += output * weight``, ``weights[region] += weight`` without a (K, d, h, w)
+        temporary of the sum."""
+        target = sums[(slice(None), *region)]
+        for channel, values in zip(target, output, strict=True):
+            channel += values * weight
+        weights[region] += weight
 
     def blocks(self) -> Iterator[tuple[tuple[slice, ...], np.ndarray]]:
         """(region, blended output (K, *region shape)) for each block of the volume."""
@@ -57,12 +75,23 @@ class MemoryAccumulator(_Accumulator):
         self.weights = np.zeros(self.shape, np.float32)
         self.block = tuple(block or self.shape)
 
+    def add(self, start: Sequence[int], output: np.ndarray, weight: np.ndarray) -> None:
+        """output (K, d, h, w) of the window at ``start``, weighted by weight (d, h, w), added in place."""
+        self._add_in_place(self.sums, self.weights, _region(start, weight.shape), output, weight)
+
 
 class ZarrAccumulator(_Accumulator):
     """Sums in a Zarr store at ``path`` (uncompressed float32 chunks of ``chunk`` voxels, all K channels
     in one chunk); each ``add`` reads and writes only the chunks the window overlaps. ``blocks`` hands
     back regions of ``block`` voxels (default: one chunk), e.g. the chunks of the output array, so
-    that each output chunk is written once."""
+    that each output chunk is written once.
+
+    With ``slabs``, the rows of chunks along z (each (K, chunk_z, H, W) sums and (chunk_z, H, W) weights)
+    that the current window covers are held in memory (at most ``slab_cache_bytes``): a window is added
+    there, and a row is written to the store once no window still to come (z-major order) covers it, or
+    before ``blocks``/``blended`` read it. A window out of z order is still added correctly: its rows are
+    read back from the store first.
+    """
 
     def __init__(
         self,
@@ -71,13 +100,65 @@ class ZarrAccumulator(_Accumulator):
         shape: Sequence[int],
         chunk: Sequence[int],
         block: Sequence[int] | None = None,
+        slabs: bool = False,
     ):
-        self.num_classes, self.shape = num_classes, tuple(shape)
+        self.num_classes, self.shape, self.chunk = num_classes, tuple(shape), tuple(chunk)
         self.block = tuple(block or chunk)
+        self.slabs = slabs
         root = zarr.open_group(str(path), mode="w")
         options = {"dtype": "float32", "compressors": None, "fill_value": 0.0}
         self.sums = root.create_array("sums", shape=(num_classes, *self.shape), chunks=(num_classes, *chunk), **options)
         self.weights = root.create_array("weights", shape=self.shape, chunks=tuple(chunk), **options)
+        self._rows: dict[int, tuple[np.ndarray, np.ndarray]] = {}  #: chunk row -> (sums, weights) held
+        self._written: set[int] = set()  #: chunk rows in the store
+
+    def add(self, start: Sequence[int], output: np.ndarray, weight: np.ndarray) -> None:
+        """output (K, d, h, w) of the window at ``start``, weighted by weight (d, h, w)."""
+        if not self.slabs:
+            return super().add(start, output, weight)
+        depth = self.chunk[0]
+        first, last = start[0] // depth, (start[0] + weight.shape[0] - 1) // depth
+        for row in [row for row in self._rows if not first <= row <= last]:
+            self._flush(row)
+        for row in range(first, last + 1):
+            z0, z1 = row * depth, min((row + 1) * depth, self.shape[0])
+            lo, hi = max(start[0], z0), min(start[0] + weight.shape[0], z1)  # the window's part of this row
+            sums, weights = self._row(row)
+            inside = (slice(lo - z0, hi - z0), *_region(start[1:], weight.shape[1:]))
+            part = slice(lo - start[0], hi - start[0])
+            self._add_in_place(sums, weights, inside, output[:, part], weight[part])
+        return None
+
+    def blended(self, region: Sequence[slice]) -> np.ndarray:
+        """As ``_Accumulator.blended``, after writing the rows held in memory to the store."""
+        self.flush()
+        return super().blended(region)
+
+    def flush(self) -> None:
+        """Write the chunk rows held in memory to the store (each row once per stay in memory)."""
+        for row in list(self._rows):
+            self._flush(row)
+
+    def _row(self, row: int) -> tuple[np.ndarray, np.ndarray]:
+        if row not in self._rows:
+            rows = self._z(row)
+            if row in self._written:  # out of z order: continue from what the store holds
+                self._rows[row] = (self.sums[(slice(None), rows)], self.weights[rows])
+            else:
+                depth = rows.stop - rows.start
+                self._rows[row] = (np.zeros((self.num_classes, depth, *self.shape[1:]), np.float32),
+                                   np.zeros((depth, *self.shape[1:]), np.float32))  # fmt: skip
+        return self._rows[row]
+
+    def _flush(self, row: int) -> None:
+        sums, weights = self._rows.pop(row)
+        rows = self._z(row)
+        self.sums[(slice(None), rows)] = sums
+        self.weights[rows] = weights
+        self._written.add(row)
+
+    def _z(self, row: int) -> slice:
+        return slice(row * self.chunk[0], min((row + 1) * self.chunk[0], self.shape[0]))
 
 
 def block_regions(shape: Sequence[int], block: Sequence[int]) -> Iterator[tuple[slice, ...]]:

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import itertools
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
@@ -12,6 +14,7 @@ from torch import nn
 
 from iunet3d.data.case_writer import IMAGE_FILL_HU
 from iunet3d.infer.windows import gaussian_importance, window_grid
+from iunet3d.models.orthogonal import matrices_computed_once
 
 
 class SlidingWindowPredictor:
@@ -21,6 +24,8 @@ class SlidingWindowPredictor:
     each window's output is weighted by a Gaussian (sigma = patch * ``sigma_scale``), ``batch_size``
     windows go through the network together, and with ``mirror`` each batch is also predicted mirrored
     along every combination of axes (8 passes) and the outputs are averaged (test-time augmentation).
+    With ``read_ahead`` (default) a reader thread reads and normalises the next batch while the network
+    runs; without it, each batch is read in the calling thread just before its forward pass.
     """
 
     def __init__(
@@ -35,6 +40,7 @@ class SlidingWindowPredictor:
         device: torch.device | str = "cpu",
         autocast_dtype: torch.dtype | None = None,
         progress: bool = False,
+        read_ahead: bool = True,
     ):
         if batch_size < 1:
             raise ValueError(f"batch_size: expected a positive integer, got {batch_size}")
@@ -42,33 +48,66 @@ class SlidingWindowPredictor:
         self.overlap, self.batch_size, self.mirror = overlap, batch_size, mirror
         self.importance = gaussian_importance(self.patch_size, sigma_scale)
         self.device, self.autocast_dtype, self.progress = torch.device(device), autocast_dtype, progress
+        self.read_ahead = read_ahead  #: read the next batch in a reader thread while the network runs
 
     def predict(self, image, accumulator, normalize: Callable[[np.ndarray], np.ndarray] | None = None):
         """Blend the network's output over ``image`` (D, H, W; numpy or Zarr, read window by window) into
         ``accumulator`` (whose shape is the image's) and return it. ``normalize`` maps raw windows
-        (e.g. HU) to network input; it must not depend on the window (``CTNormalization`` does not)."""
+        (e.g. HU) to network input; it must not depend on the window (``CTNormalization`` does not).
+
+        Windows are placed by ``window_grid`` (evenly spaced from 0 to ``size - patch`` per axis, z-major
+        order) and go through the network ``batch_size`` at a time. A reader thread reads and normalises the
+        next batch (B, *patch) while the network runs on the current one; an error it raises (e.g. a
+        corrupted chunk of ``image``) reaches the caller unchanged. Under ``torch.inference_mode`` the
+        network's learned orthogonal matrices are computed once per prediction instead of once per forward
+        (``matrices_computed_once``): the same values, so the same outputs.
+        """
         shape = tuple(image.shape)
         if tuple(accumulator.shape) != shape:
             raise ValueError(f"accumulator shape {accumulator.shape} differs from the image's {shape}")
         starts = window_grid(shape, self.patch_size, self.overlap)
         batches = [starts[i : i + self.batch_size] for i in range(0, len(starts), self.batch_size)]
+        progress = None
         if self.progress:
             from tqdm import tqdm
 
-            batches = tqdm(batches, desc="windows", unit="batch", leave=False)
+            progress = tqdm(total=len(batches), desc="windows", unit="batch", leave=False)
         was_training = self.network.training
         self.network.eval()
+        reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="iunet3d-windows") if self.read_ahead else None
+        pending = None
         try:
-            for batch in batches:
-                windows = np.stack([self._read(image, start, shape, normalize) for start in batch])
-                outputs = self._run(torch.from_numpy(windows)[:, None])
-                for start, output in zip(batch, outputs, strict=True):
-                    valid = tuple(min(p, size - s) for p, size, s in zip(self.patch_size, shape, start, strict=True))
-                    crop = tuple(slice(0, v) for v in valid)
-                    accumulator.add(start, output[(slice(None), *crop)], self.importance[crop])
+            with matrices_computed_once(self.network):
+                read = functools.partial(self._read_batch, image, shape, normalize)
+                pending = reader.submit(read, batches[0]) if batches and reader is not None else None
+                for index, batch in enumerate(batches):
+                    if reader is None:
+                        windows = read(batch)
+                    else:
+                        windows = pending.result()  # re-raises the reader's error as it was raised
+                        pending = reader.submit(read, batches[index + 1]) if index + 1 < len(batches) else None
+                    outputs = self._run(torch.from_numpy(windows)[:, None])
+                    for start, output in zip(batch, outputs, strict=True):
+                        crop = _inside(start, self.patch_size, shape)
+                        accumulator.add(start, output[(slice(None), *crop)], self.importance[crop])
+                    if progress is not None:
+                        progress.update()
         finally:
+            if pending is not None:
+                pending.cancel()
+            if reader is not None:
+                reader.shutdown(wait=True)
             self.network.train(was_training)
+            if progress is not None:
+                progress.close()
         return accumulator
+
+    def _read_batch(self, image, shape, normalize, batch) -> np.ndarray:
+        """(B, *patch) float32: the normalised windows at the starts in ``batch``."""
+        windows = np.empty((len(batch), *self.patch_size), np.float32)
+        for window, start in zip(windows, batch, strict=True):
+            window[...] = self._read(image, start, shape, normalize)
+        return windows
 
     def _read(self, image, start, shape, normalize) -> np.ndarray:
         """The window at ``start``, padded to the patch size where the volume is smaller: with the image's
@@ -81,7 +120,7 @@ class SlidingWindowPredictor:
         window = normalize(window) if normalize is not None else window
         return np.asarray(window, dtype=np.float32)
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def _run(self, windows: torch.Tensor) -> np.ndarray:
         """(B, 1, *patch) -> (B, K, *patch) float32 numpy, averaged over mirrorings when ``mirror``."""
         windows = windows.to(self.device)
@@ -98,8 +137,15 @@ class SlidingWindowPredictor:
             with autocast:
                 output = self.network(windows.flip(axes) if axes else windows).float()
             output = output.flip(axes) if axes else output
-            total = output if total is None else total + output
-        return (total / len(flips)).cpu().numpy()
+            total = output if total is None else total.add_(output)
+        if len(flips) > 1:
+            total /= len(flips)
+        return total.cpu().numpy()
+
+
+def _inside(start: Sequence[int], patch: Sequence[int], shape: Sequence[int]) -> tuple[slice, ...]:
+    """The part (z, y, x slices from 0) of the window at ``start`` that lies inside the volume."""
+    return tuple(slice(0, min(p, n - s)) for s, p, n in zip(start, patch, shape, strict=True))
 
 
 def write_labels(accumulator, labels, probabilities=None) -> None:

@@ -19,7 +19,7 @@ from iunet3d.data.resampling import (
     resampled_shape,
     same_spacing,
 )
-from iunet3d.infer.accumulator import MemoryAccumulator, ZarrAccumulator
+from iunet3d.infer.accumulator import MemoryAccumulator, ZarrAccumulator, slab_cache_bytes
 from iunet3d.infer.checkpoint_file import read_checkpoint
 from iunet3d.infer.memory_plan import MemoryPlan, plan_memory
 from iunet3d.infer.resampled_output import write_resampled_labels
@@ -156,6 +156,11 @@ def predict_volume(
     covers the buffers of prediction, not the network's own activations (``plan_memory``); a limit too
     small even for streaming fails naming its minimum. ``stream`` True or False forces either way. A
     ``plan`` made by the caller (e.g. to print it, with the same ``target_shape``) is used as it is.
+
+    Streamed, the accumulator keeps the chunk rows along z that the current window covers in memory and
+    writes each chunk once (``ZarrAccumulator(slabs=True)``) when those rows (``slab_cache_bytes``, which
+    grow with the y-x plane, not the depth) fit in ``max_memory`` on top of the plan; else each window reads
+    and writes the chunks it touches.
     """
     shape = tuple(image.shape)
     num_classes = len(model.class_names)
@@ -191,5 +196,13 @@ def predict_volume(
         return labels
     with tempfile.TemporaryDirectory(prefix="iunet3d-accumulator-", dir=scratch) as directory:
         path = Path(directory) / "accumulator.zarr"
-        finalize(ZarrAccumulator(path, num_classes, grid, plan.chunk, block=plan.block))
+        slabs = _slabs_fit(plan, num_classes, grid, model.patch_size, max_memory)
+        finalize(ZarrAccumulator(path, num_classes, grid, plan.chunk, block=plan.block, slabs=slabs))
     return labels
+
+
+def _slabs_fit(plan: MemoryPlan, num_classes: int, grid: Sequence[int], patch: Sequence[int],
+               max_memory: int | None) -> bool:  # fmt: skip
+    """Whether a streamed accumulator on ``grid`` (D, H, W) may hold its slab cache within ``max_memory``."""
+    cache = slab_cache_bytes(num_classes, grid, patch, plan.chunk)
+    return max_memory is None or plan.needed_bytes + cache <= max_memory

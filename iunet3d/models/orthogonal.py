@@ -6,8 +6,9 @@ is no hand-written backward (the original iunets library's hand-written one gave
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import torch
 from torch import nn
@@ -94,6 +95,7 @@ class OrthogonalMatrices(nn.Module):
         # float64, cast at use: a float32 copy would not be orthogonal to float64 precision.
         initial = initial.to(torch.float64).expand(count, size, size).clone()
         self.method = method
+        self._once: dict | None = None  #: matrices per dtype while ``matrices_computed_once`` holds, else None
         self.register_buffer("initial", initial)
         if learnable:
             self.weight = nn.Parameter(torch.zeros(count, size, size))
@@ -104,6 +106,13 @@ class OrthogonalMatrices(nn.Module):
         """The matrices: (count, size, size), in ``dtype`` (default: the parameter's)."""
         if self.weight is None:
             return self.initial.to(dtype or self.initial.dtype)
+        if self._once is not None and not torch.is_grad_enabled():
+            if dtype not in self._once:
+                self._once[dtype] = self._compute(dtype)
+            return self._once[dtype]
+        return self._compute(dtype)
+
+    def _compute(self, dtype: torch.dtype | None) -> torch.Tensor:
         # Computed in the wider of the parameter's and the requested dtype: float64 activations need
         # matrices orthogonal to float64 precision.
         compute = self.weight.dtype if dtype is None else torch.promote_types(self.weight.dtype, dtype)
@@ -111,3 +120,19 @@ class OrthogonalMatrices(nn.Module):
             compute = torch.float32
         rotation = orthogonal_from_skew(skew_symmetric(self.weight.to(compute)), self.method)
         return (rotation @ self.initial.to(compute)).to(dtype or self.weight.dtype)
+
+
+@contextlib.contextmanager
+def matrices_computed_once(network: nn.Module) -> Iterator[None]:
+    """Within it, while grad is disabled, each learnable ``OrthogonalMatrices`` of ``network`` computes its
+    matrices once per dtype and reuses them (a Cayley solve or matrix exponential per layer and forward
+    otherwise): the same values, so the same outputs, for inference over many windows. With grad enabled,
+    and after the block, they are computed at every call as before (the parameters may change)."""
+    layers = [module for module in network.modules() if isinstance(module, OrthogonalMatrices)]
+    for layer in layers:
+        layer._once = {}
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer._once = None

@@ -2,16 +2,22 @@
 
 from __future__ import annotations
 
+import threading
 import tracemalloc
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from torch import nn
 
-from iunet3d.infer.accumulator import MemoryAccumulator, ZarrAccumulator, accumulator_bytes
-from iunet3d.infer.sliding_window import SlidingWindowPredictor, write_labels
-from iunet3d.infer.windows import gaussian_importance, window_starts
+from iunet3d.data.case_writer import IMAGE_FILL_HU
+from iunet3d.infer.accumulator import MemoryAccumulator, ZarrAccumulator, accumulator_bytes, slab_cache_bytes
+from iunet3d.infer.memory_plan import plan_memory
+from iunet3d.infer.sliding_window import SlidingWindowPredictor, softmax, write_labels
+from iunet3d.infer.trained_model import _slabs_fit, predict_volume
+from iunet3d.infer.windows import gaussian_importance, window_grid, window_starts
+from iunet3d.models.orthogonal import matrices_computed_once
 
 PATCH = (8, 16, 16)
 
@@ -119,3 +125,167 @@ def test_streaming_keeps_peak_memory_bounded_by_the_window_not_the_volume(tmp_pa
         tracemalloc.stop()
     assert needed == 4 * 5 * 64 * 256 * 256
     assert streaming_peak < needed / 4, (streaming_peak, needed)
+
+
+# --- the speed work changes no result: a frozen copy of the previous algorithm as the oracle ------------------------
+
+
+def previous_blend(network, image: np.ndarray, patch, overlap: float, batch_size: int, normalize) -> np.ndarray:
+    """The blended output (K, D, H, W) as the implementation before the speed work computed it: windows of
+    ``window_grid`` read one by one, the network under ``no_grad`` (orthogonal matrices recomputed every
+    forward), Gaussian-weighted sums and weights in numpy, ``sums / weights``."""
+    shape = image.shape
+    importance = gaussian_importance(patch)
+    starts = window_grid(shape, patch, overlap)
+    sums, weights = None, np.zeros(shape, np.float32)
+    with torch.no_grad():
+        for i in range(0, len(starts), batch_size):
+            batch = starts[i : i + batch_size]
+            windows = []
+            for start in batch:
+                region = tuple(slice(s, min(s + p, n)) for s, p, n in zip(start, patch, shape, strict=True))
+                window = image[region]
+                padding = [(0, p - n) for p, n in zip(patch, window.shape, strict=True)]
+                window = np.pad(window, padding, constant_values=IMAGE_FILL_HU)
+                windows.append(np.asarray(normalize(window), np.float32))
+            outputs = network(torch.from_numpy(np.stack(windows))[:, None]).float().numpy()
+            if sums is None:
+                sums = np.zeros((outputs.shape[1], *shape), np.float32)
+            for start, output in zip(batch, outputs, strict=True):
+                valid = tuple(min(p, n - s) for p, n, s in zip(patch, shape, start, strict=True))
+                crop = tuple(slice(0, v) for v in valid)
+                region = tuple(slice(s, s + v) for s, v in zip(start, valid, strict=True))
+                channels = (slice(None), *region)
+                sums[channels] = sums[channels] + output[(slice(None), *crop)] * importance[crop]
+                weights[region] = weights[region] + importance[crop]
+    return sums / weights
+
+
+@pytest.fixture
+def small_model():
+    """A demo-like iUNet (3 classes) whose learned orthogonal matrices are not the identity, as after
+    training (a cached matrix of the wrong layer or dtype would change the output)."""
+    from iunet3d.data.normalization import CTNormalization
+    from iunet3d.infer.trained_model import TrainedModel
+    from iunet3d.models.orthogonal import OrthogonalMatrices
+    from iunet3d.models.segmentation import SegmentationIUNet
+
+    torch.manual_seed(0)
+    network = SegmentationIUNet(1, 3, channels=4, architecture=(1, 1, 1, 1),
+                                resampling_stride=[(1, 2, 2), (2, 2, 2), (2, 2, 2)], norm=None)  # fmt: skip
+    learned = [m for m in network.modules() if isinstance(m, OrthogonalMatrices) and m.weight is not None]
+    assert learned
+    with torch.no_grad():
+        for layer in learned:
+            layer.weight.normal_(0, 0.3)
+        for parameter in network.parameters():  # zero-initialised last layers: let the couplings act
+            if parameter.abs().max() == 0:
+                parameter.normal_(0, 0.1)
+    return TrainedModel(network=network.eval(), class_names=["background", "a", "b"], in_channels=1,
+                        patch_size=PATCH, normalization=CTNormalization.window(-1000, 1000), step=0,
+                        source=Path("random"))  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def phantom():
+    from iunet3d.data.synth import make_phantom
+
+    image, _ = make_phantom((20, 40, 44), (2.5, 0.8, 0.8), seed=3)
+    return image
+
+
+@pytest.mark.slow
+def test_labels_and_probabilities_equal_the_previous_implementation_in_memory_and_streamed(small_model, phantom,
+                                                                                          tmp_path):  # fmt: skip
+    expected = previous_blend(small_model.network, phantom, PATCH, 0.5, 3, small_model.normalization)
+    labels = expected.argmax(0)
+    assert len(np.unique(labels)) > 1  # not one class everywhere: the comparison means something
+    chunks = (8, 16, 16)
+    in_memory = np.zeros((3, *phantom.shape), np.float32)
+    got = predict_volume(small_model, phantom, batch_size=3, probabilities=in_memory, stream=False)
+    np.testing.assert_array_equal(got, labels)
+    np.testing.assert_allclose(in_memory, softmax(expected), rtol=1e-5, atol=1e-6)
+    for limit in (None, 600_000):  # slab cache (no limit), and per-window chunks (a limit it does not fit in)
+        streamed = np.zeros((3, *phantom.shape), np.float32)
+        plan = plan_memory(3, phantom.shape, PATCH, 3, chunks, True, limit, True)
+        assert plan.streamed
+        assert _slabs_fit(plan, 3, phantom.shape, PATCH, limit) == (limit is None)
+        got = predict_volume(small_model, phantom, batch_size=3, probabilities=streamed, plan=plan, max_memory=limit,
+                             scratch=tmp_path)  # fmt: skip
+        np.testing.assert_array_equal(got, labels)
+        np.testing.assert_allclose(streamed, softmax(expected), rtol=1e-5, atol=1e-6)
+
+
+def test_the_orthogonal_matrices_are_computed_as_before_after_a_prediction(small_model, phantom):
+    from iunet3d.models.orthogonal import OrthogonalMatrices
+
+    layers = [m for m in small_model.network.modules() if isinstance(m, OrthogonalMatrices) and m.weight is not None]
+    before = [layer().detach().clone() for layer in layers]
+    predict_volume(small_model, phantom[:8, :16, :16])
+    assert all(layer._once is None for layer in layers)  # computed at every call again
+    with torch.no_grad():
+        layers[0].weight[..., 0, 1] += 0.5  # a changed parameter is seen: nothing stays cached
+    try:
+        assert not torch.allclose(layers[0](), before[0])
+        assert layers[0]().requires_grad  # autograd goes through it again
+        with matrices_computed_once(small_model.network), torch.no_grad():
+            first = layers[0]()
+            assert layers[0]() is first  # computed once inside, without grad
+            with torch.enable_grad():
+                assert layers[0]() is not first and layers[0]().requires_grad  # with grad: every call
+    finally:
+        with torch.no_grad():
+            layers[0].weight[..., 0, 1] -= 0.5
+
+
+@pytest.mark.parametrize("order", ["z-major", "reversed"])
+def test_the_slab_cache_blends_like_memory_in_any_window_order(tmp_path, order):
+    """Windows added in z-major order (each chunk row written once) or backwards (rows read back from the
+    store and written again) give the in-memory accumulator's blend."""
+    shape, patch = (21, 19, 23), (8, 16, 16)
+    rng = np.random.default_rng(2)
+    starts = window_grid(shape, patch, 0.5)
+    starts = starts[::-1] if order == "reversed" else starts
+    memory = MemoryAccumulator(2, shape)
+    slabs = ZarrAccumulator(tmp_path / "acc.zarr", 2, shape, chunk=(4, 8, 8), slabs=True)
+    weight = gaussian_importance(patch)
+    for start in starts:
+        output = rng.normal(size=(2, *patch)).astype(np.float32)
+        crop = tuple(slice(0, min(p, n - s)) for s, p, n in zip(start, patch, shape, strict=True))
+        for accumulator in (memory, slabs):
+            accumulator.add(start, output[(slice(None), *crop)], weight[crop])
+    assert len(slabs._rows) <= 3  # never more chunk rows than one window covers
+    np.testing.assert_allclose(blended(slabs), blended(memory), rtol=1e-6, atol=1e-6)
+    assert slab_cache_bytes(2, shape, patch, (4, 8, 8)) == 4 * 3 * 12 * 19 * 23
+
+
+def test_a_corrupted_chunk_read_by_the_reader_thread_fails_as_reading_it_directly(small_model, tmp_path):
+    """The reader thread's error reaches the caller unchanged: the one-line DataError naming the case."""
+    from iunet3d.data import open_dataset
+    from iunet3d.data.errors import DataError
+    from iunet3d.data.storage import StorageOptions
+    from iunet3d.data.synth import make_phantom
+    from iunet3d.infer.prediction_job import _CaseArray
+    from tests.helpers.data import store_case
+
+    image, label = make_phantom((24, 48, 48), (2.5, 0.8, 0.8), seed=1)
+    store_case(tmp_path / "ds", "broken", image, label, options=StorageOptions(chunk=16, coarse_chunk=8))
+    chunks = sorted(p for p in (tmp_path / "ds" / "broken" / "0" / "c").rglob("*") if p.is_file())
+    assert len(chunks) > 1
+    chunks[-1].write_bytes(b"garbage" * 100)  # the last chunk: read after the first batches went through
+    case = open_dataset(tmp_path / "ds").case("broken")
+    wrapped = _CaseArray(case.image_array, case, "image")
+    expected = None
+    for start in window_grid(image.shape, PATCH, 0.5):  # the first window that fails, read directly
+        region = tuple(slice(s, min(s + p, n)) for s, p, n in zip(start, PATCH, image.shape, strict=True))
+        try:
+            wrapped[region]
+        except DataError as error:
+            expected = str(error)
+            break
+    assert expected is not None and start != (0, 0, 0) and "\n" not in expected
+    with pytest.raises(DataError) as raised:
+        predict_volume(small_model, wrapped, batch_size=2)
+    assert type(raised.value) is DataError and str(raised.value) == expected
+    assert "case broken: reading its image" in expected and "the store may be corrupted" in expected
+    assert not [t for t in threading.enumerate() if t.name.startswith("iunet3d-windows")]  # the reader has ended
