@@ -177,7 +177,11 @@ def test_whole_volume_validation_runs_at_the_target_spacing_and_scores_on_the_sc
                                 target_spacing=TARGET, image_interpolation="cubic")  # fmt: skip
     result = validator.run(IntensityClassifier(), panels=1)
     assert min(result.dice.values()) >= 0.95, result.dice
-    assert result.panels[0].caption.endswith(f"(whole volume {image.shape})")
+    (case,) = result.cases
+    assert case.case == "thick" and case.spacing == pytest.approx((5.0, 0.8, 0.8))  # scored on the scan's grid
+    z = int(case.panel.caption.split("z=")[1].split()[0])
+    height, width = image.shape[1:]
+    assert np.array_equal(case.panel.label[:height, :width], label[z])  # the axial tile: the scan's own plane
 
 
 def _checkpoint(path: Path, **extra) -> Path:
