@@ -24,8 +24,11 @@ class SlidingWindowPredictor:
     each window's output is weighted by a Gaussian (sigma = patch * ``sigma_scale``), ``batch_size``
     windows go through the network together, and with ``mirror`` each batch is also predicted mirrored
     along every combination of axes (8 passes) and the outputs are averaged (test-time augmentation).
-    With ``read_ahead`` (default) a reader thread reads and normalises the next batch while the network
-    runs; without it, each batch is read in the calling thread just before its forward pass.
+    With ``read_ahead`` a reader thread reads and normalises the next batch while the network runs; without
+    it, each batch is read in the calling thread just before its forward pass. Default (None): read ahead
+    when the network runs on an accelerator, whose host threads are otherwise idle during the forward pass;
+    not on the CPU, where the reader competes with torch's own threads (measured on 2 cores, 48x256x256,
+    median of 3: 15.64 s with the reader, 15.06 s without).
     """
 
     def __init__(
@@ -40,7 +43,7 @@ class SlidingWindowPredictor:
         device: torch.device | str = "cpu",
         autocast_dtype: torch.dtype | None = None,
         progress: bool = False,
-        read_ahead: bool = True,
+        read_ahead: bool | None = None,
     ):
         if batch_size < 1:
             raise ValueError(f"batch_size: expected a positive integer, got {batch_size}")
@@ -48,7 +51,8 @@ class SlidingWindowPredictor:
         self.overlap, self.batch_size, self.mirror = overlap, batch_size, mirror
         self.importance = gaussian_importance(self.patch_size, sigma_scale)
         self.device, self.autocast_dtype, self.progress = torch.device(device), autocast_dtype, progress
-        self.read_ahead = read_ahead  #: read the next batch in a reader thread while the network runs
+        #: read the next batch in a reader thread while the network runs
+        self.read_ahead = self.device.type != "cpu" if read_ahead is None else read_ahead
 
     def predict(self, image, accumulator, normalize: Callable[[np.ndarray], np.ndarray] | None = None):
         """Blend the network's output over ``image`` (D, H, W; numpy or Zarr, read window by window) into

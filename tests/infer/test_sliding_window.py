@@ -214,6 +214,10 @@ def test_labels_and_probabilities_equal_the_previous_implementation_in_memory_an
                              scratch=tmp_path)  # fmt: skip
         np.testing.assert_array_equal(got, labels)
         np.testing.assert_allclose(streamed, softmax(expected), rtol=1e-5, atol=1e-6)
+    with_reader = SlidingWindowPredictor(small_model.network, PATCH, overlap=0.5, batch_size=3, read_ahead=True)
+    blended = with_reader.predict(phantom, MemoryAccumulator(3, phantom.shape), normalize=small_model.normalization)
+    np.testing.assert_allclose(blended.blended(tuple(slice(0, n) for n in phantom.shape)), expected, rtol=1e-5,
+                               atol=1e-6)  # fmt: skip
 
 
 def test_the_orthogonal_matrices_are_computed_as_before_after_a_prediction(small_model, phantom):
@@ -284,8 +288,13 @@ def test_a_corrupted_chunk_read_by_the_reader_thread_fails_as_reading_it_directl
             expected = str(error)
             break
     assert expected is not None and start != (0, 0, 0) and "\n" not in expected
-    with pytest.raises(DataError) as raised:
+    with pytest.raises(DataError) as raised:  # on the CPU: read in the calling thread
         predict_volume(small_model, wrapped, batch_size=2)
+    assert type(raised.value) is DataError and str(raised.value) == expected
+    predictor = SlidingWindowPredictor(small_model.network, PATCH, batch_size=2, read_ahead=True)
+    assert predictor.read_ahead and not SlidingWindowPredictor(small_model.network, PATCH).read_ahead
+    with pytest.raises(DataError) as raised:  # in the reader thread (the default on an accelerator)
+        predictor.predict(wrapped, MemoryAccumulator(3, image.shape), normalize=small_model.normalization)
     assert type(raised.value) is DataError and str(raised.value) == expected
     assert "case broken: reading its image" in expected and "the store may be corrupted" in expected
     assert not [t for t in threading.enumerate() if t.name.startswith("iunet3d-windows")]  # the reader has ended
