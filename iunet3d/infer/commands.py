@@ -66,6 +66,13 @@ def run_predict(args: argparse.Namespace) -> int:
         raise ValueError(f"--batch-size: expected a positive integer, got {args.batch_size}")
     if args.max_memory is not None and args.max_memory <= 0:
         raise ValueError(f"--max-memory: expected a positive number of MB, got {args.max_memory}")
+    if args.wandb_project is not None:  # checked before any work, on every rank alike
+        from iunet3d.tracking.wandb_run import WandbConfig
+
+        try:
+            WandbConfig(project=args.wandb_project)
+        except ValueError as error:
+            raise ValueError(f"--wandb-project: {str(error).split(': ', 1)[1]}") from None
     from iunet3d.distributed import setup_distributed, teardown_distributed
 
     distributed = setup_distributed(args.device, argument="--device")

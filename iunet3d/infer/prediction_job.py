@@ -159,6 +159,8 @@ def _predict_case(args, model: TrainedModel, job: _CaseJob, max_memory: int, dis
         return [], None
     prediction = _CaseArray(CTCase(written).label_array(PREDICTION), case, "prediction")
     reference = _CaseArray(case.label_array(reference), case, f"label {reference!r}")
+    if tracked:  # the error search needs both volumes whole: read them once, for the metrics too
+        prediction, reference = prediction[...], reference[...]
     rows = case_metrics(case.name, prediction, reference, model.class_names, case.spacing)
     return rows, case_result(case, image, prediction, reference, rows, model, panel=True) if tracked else None
 

@@ -64,16 +64,6 @@ def start_tracking(args: argparse.Namespace, model: TrainedModel, source: str, c
     return logger
 
 
-class _Normalised:
-    """``image[region]`` normalised as the network sees it (for display): reads only what is indexed."""
-
-    def __init__(self, image, model: TrainedModel):
-        self.image, self.model, self.shape = image, model, tuple(image.shape)
-
-    def __getitem__(self, region) -> np.ndarray:
-        return self.model.normalization(np.asarray(self.image[region]))
-
-
 def case_result(case: CTCase, image, prediction, reference, rows: list[dict], model: TrainedModel,
                 panel: bool) -> CaseResult:  # fmt: skip
     """One scored case for the job's table; with ``panel``, three planes through its largest error.
@@ -83,8 +73,8 @@ def case_result(case: CTCase, image, prediction, reference, rows: list[dict], mo
     if panel:
         predicted, truth = np.asarray(prediction[...]), np.asarray(reference[...])
         center = largest_error_center(truth, predicted, case.spacing)
-        result.panel = three_plane_panel(f"{CASES_KEY}/{case.name}", _Normalised(image, model), truth, predicted,
-                                         center, case.spacing, list(model.class_names))  # fmt: skip
+        result.panel = three_plane_panel(f"{CASES_KEY}/{case.name}", image, truth, predicted, center, case.spacing,
+                                         list(model.class_names), normalize=model.normalization)  # fmt: skip
     return result
 
 

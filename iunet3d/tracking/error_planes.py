@@ -9,7 +9,7 @@ array) and tiles them side by side as one ``SegmentationPanel``.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
@@ -67,11 +67,13 @@ def largest_error_center(label: np.ndarray, prediction: np.ndarray, spacing: Seq
 
 
 def three_plane_panel(key: str, image, label, prediction, center: Sequence[int], spacing: Sequence[float],
-                      class_names: list[str], caption: str = "", max_side: int = 512) -> SegmentationPanel:  # fmt: skip
+                      class_names: list[str], caption: str = "", max_side: int = 512,
+                      normalize: Callable[[np.ndarray], np.ndarray] | None = None) -> SegmentationPanel:  # fmt: skip
     """Axial (H, W) at z, coronal (D, W) at y and sagittal (D, H) at x through ``center`` (z, y, x), side by side.
 
     image: (D, H, W) float, any numpy-indexable array (a Zarr array: only the three planes are read);
-    label, prediction: (D, H, W) integer class maps, indexed the same way; spacing: (z, y, x) mm. Coronal and
+    label, prediction: (D, H, W) integer class maps, indexed the same way; spacing: (z, y, x) mm; ``normalize``
+    (e.g. the network's ``CTNormalization``) maps each image plane read for display. Coronal and
     sagittal planes are resampled along z by nearest neighbour to their physical aspect (rows times
     spacing z / spacing x, resp. spacing z / spacing y); then every plane larger than ``max_side`` on a side is
     scaled down (nearest neighbour, the same indices for image and masks) to fit. Tiles are top-aligned,
@@ -95,6 +97,7 @@ def three_plane_panel(key: str, image, label, prediction, center: Sequence[int],
     tiles = []
     for index, stretch in planes:
         plane_image, plane_label, plane_prediction = (np.asarray(v[index]) for v in (image, label, prediction))
+        plane_image = plane_image if normalize is None else np.asarray(normalize(plane_image))
         rows, cols = _fit(plane_image.shape, stretch, max_side)
         grid = np.ix_(_nearest_indices(plane_image.shape[0], rows), _nearest_indices(plane_image.shape[1], cols))
         tiles.append((plane_image[grid], plane_label[grid], plane_prediction[grid]))

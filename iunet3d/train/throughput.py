@@ -26,13 +26,16 @@ class ThroughputMeter:
         self.started = self.window_started = time.perf_counter()
         self.last: dict = {}
 
-    def add(self, loss: float, terms: dict[str, float] | None = None, grad_norm: float = 0.0) -> None:
-        """One optimizer step: its loss, its loss ``terms`` ("dice", "ce") and its gradient norm before clipping."""
+    def add(self, loss: float, terms: dict[str, float] | None = None, grad_norm: torch.Tensor | float = 0.0) -> None:
+        """One optimizer step: its loss, its loss ``terms`` ("dice", "ce") and its gradient norm before clipping
+        (a scalar tensor stays on its device until ``collect``)."""
         self.loss_sum += loss
         self.dice_sum += (terms or {}).get("dice", 0.0)
         self.ce_sum += (terms or {}).get("ce", 0.0)
-        self.grad_norm_sum += grad_norm
-        self.grad_norm_max = max(self.grad_norm_max, grad_norm) if math.isfinite(grad_norm) else math.inf
+        grad_norm = torch.as_tensor(grad_norm, dtype=torch.float64)
+        self.grad_norm_sum = self.grad_norm_sum + grad_norm
+        self.grad_norm_max = torch.maximum(torch.as_tensor(self.grad_norm_max, dtype=torch.float64,
+                                                           device=grad_norm.device), grad_norm)  # fmt: skip
         self.steps += 1
         self.total_steps += 1
 
@@ -47,8 +50,8 @@ class ThroughputMeter:
             "train/loss": float(sums[0] / sums[1]),
             "train/loss_dice": float(sums[2] / sums[1]),
             "train/loss_ce": float(sums[3] / sums[1]),
-            "train/grad_norm": self.grad_norm_sum / max(self.steps, 1),
-            "train/grad_norm_max": self.grad_norm_max,
+            "train/grad_norm": float(self.grad_norm_sum) / max(self.steps, 1),
+            "train/grad_norm_max": _finite_or_inf(float(self.grad_norm_max)),
             "train/lr": learning_rate,
             "perf/patches_per_s": patches_per_s,
             "perf/voxels_per_s": patches_per_s * self.voxels_per_patch,
@@ -74,6 +77,10 @@ class ThroughputMeter:
             "voxels_per_s": patches_per_s * self.voxels_per_patch,
             "peak_memory_mb": self.last.get("perf/peak_memory_mb", _peak_memory_mb(self.distributed.device)),
         }
+
+
+def _finite_or_inf(value: float) -> float:
+    return value if math.isfinite(value) else math.inf
 
 
 def _peak_memory_mb(device: torch.device) -> float:

@@ -229,14 +229,16 @@ class Trainer:
                     parts = self.loss.terms(self.model(image), label)
                     loss = (self.loss.dice_weight * parts["dice"] + self.loss.ce_weight * parts["ce"]) / accumulation
                 self.scaler.scale(loss).backward()
-            total += float(loss.detach())
-            for name, value in parts.items():
-                terms[name] += float(value.detach()) / accumulation
+            loss_value, dice, ce = torch.stack([loss.detach(), parts["dice"].detach(), parts["ce"].detach()]).tolist()
+            total += loss_value  # one device sync for the loss and its terms
+            terms["dice"] += dice / accumulation
+            terms["ce"] += ce / accumulation
         self.last_loss_terms = terms
         return total, math.isfinite(total)
 
-    def optimizer_step(self) -> float:
-        """Clip (``train.clip_grad_norm`` > 0) and step; returns the gradient norm before clipping (unscaled)."""
+    def optimizer_step(self) -> torch.Tensor:
+        """Clip (``train.clip_grad_norm`` > 0) and step; returns the gradient norm before clipping (unscaled), a
+        scalar tensor on the device (read when metrics are logged, not every step: no device sync here)."""
         self.scaler.unscale_(self.optimizer)
         parameters = [p for p in self.network.parameters() if p.grad is not None]
         if self.config.train.clip_grad_norm > 0:
@@ -247,7 +249,7 @@ class Trainer:
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
-        return float(norm)
+        return norm.detach()
 
     def _agree(self, preempted: bool, diverged: bool) -> tuple[bool, bool]:
         """Both flags as the maximum over all ranks: every rank stops (or fails) after the same step."""

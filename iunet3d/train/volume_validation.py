@@ -67,9 +67,9 @@ class VolumeValidator(Validator):
             result = CaseResult.from_counts(name, tuple(case.spacing), case_counts, self.class_names)
             if panels:
                 center = largest_error_center(reference, labels, case.spacing)
-                image = _Normalised(case.image_array, self.normalization)
-                result.panel = three_plane_panel(f"{CASES_KEY}/{name}", image, reference, labels, center,
-                                                 case.spacing, self.class_names)  # fmt: skip
+                result.panel = three_plane_panel(f"{CASES_KEY}/{name}", case.image_array, reference, labels,
+                                                 center, case.spacing, self.class_names,
+                                                 normalize=self.normalization)  # fmt: skip
             results.append(result)
             dashboard_seconds += time.perf_counter() - started
         counts = self.distributed.all_reduce(counts.to(self.distributed.device)).cpu()
@@ -82,13 +82,3 @@ class VolumeValidator(Validator):
                                   panels)  # fmt: skip
         seconds = max(part[1] for part in gathered)  # ranks make their panels at the same time
         return ValidationResult(dice, mean_dice(dice), cases=cases, dashboard_seconds=seconds)
-
-
-class _Normalised:
-    """``image[region]`` normalised as the network sees it, for display: reads only what is indexed."""
-
-    def __init__(self, image, normalization):
-        self.image, self.normalization, self.shape = image, normalization, tuple(image.shape)
-
-    def __getitem__(self, region) -> np.ndarray:
-        return self.normalization(np.asarray(self.image[region]))

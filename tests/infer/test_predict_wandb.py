@@ -14,6 +14,7 @@ from iunet3d.cli import main
 from iunet3d.distributed import Distributed
 from iunet3d.infer.checkpoint_file import read_checkpoint
 from iunet3d.train.trainer import Trainer
+from tests.helpers.cli import run_cli
 from tests.helpers.train import tiny_config, tiny_dataset, train_tiny_checkpoint
 from tests.helpers.wandb_records import (
     read_logged_table,
@@ -90,3 +91,11 @@ def test_a_wandb_failure_never_stops_a_prediction(tmp_path):
     assert len(messages) == 1 and "could not start a run" in messages[0]
     assert len(list(csv.DictReader((tmp_path / "out" / "metrics.csv").read_text().splitlines()))) == 9
     assert blocked.read_text() == "a file where W&B would write"
+
+
+def test_a_bad_wandb_project_is_refused_before_any_work(tmp_path, capsys):
+    argv = ["predict", "--checkpoint", str(tmp_path / "absent.pt"), "--input", str(tmp_path), "--out",
+            str(tmp_path / "out"), "--wandb", "--wandb-project", "team/project"]  # fmt: skip
+    code, error = run_cli(argv, capsys)
+    assert code == 2 and "\n" not in error and error.startswith("iunet3d: error: --wandb-project: ")
+    assert not (tmp_path / "out").exists()

@@ -113,26 +113,6 @@ def test_a_bad_spacing_is_named(spacing):
         CaseResult("a", spacing, {}, {}, {})
 
 
-@pytest.fixture
-def wandb_env(monkeypatch, tmp_path):
-    """No credentials, no W&B environment of the caller; quiet and light (as in test_wandb_run.py)."""
-    for name in ("WANDB_API_KEY", "WANDB_MODE", "WANDB_BASE_URL", "WANDB_IDENTITY_TOKEN_FILE", "WANDB_DIR",
-                 "WANDB_RUN_ID", "WANDB_RESUME", "WANDB_PROJECT", "WANDB_ENTITY", "WANDB_SERVICE"):  # fmt: skip
-        monkeypatch.delenv(name, raising=False)
-    home = tmp_path / "home"
-    home.mkdir()
-    monkeypatch.setenv("HOME", str(home))
-    monkeypatch.setenv("NETRC", str(home / ".netrc"))
-    for name, folder in (("WANDB_CONFIG_DIR", "wandb-config"), ("WANDB_CACHE_DIR", "wandb-cache"),
-                         ("WANDB_DATA_DIR", "wandb-data")):  # fmt: skip
-        monkeypatch.setenv(name, str(home / folder))
-    for name in ("WANDB_SILENT", "WANDB__DISABLE_STATS", "WANDB__DISABLE_META", "WANDB_DISABLE_GIT"):
-        monkeypatch.setenv(name, "true")
-    yield
-    if "wandb" in sys.modules:
-        sys.modules["wandb"].teardown()
-
-
 @pytest.mark.slow
 def test_case_and_class_tables_are_logged_with_images_of_the_worst_cases(tmp_path, wandb_env):
     rng = np.random.default_rng(2)

@@ -56,24 +56,7 @@ print(json.dumps({"run_id": logger.run_id, "sync": sync_command(Path(spec["run_d
 """
 
 
-@pytest.fixture(autouse=True)
-def wandb_env(monkeypatch, tmp_path):
-    """No credentials, no W&B environment of the caller; quiet and light (no system stats, metadata or git)."""
-    for name in ("WANDB_API_KEY", "WANDB_MODE", "WANDB_BASE_URL", "WANDB_IDENTITY_TOKEN_FILE", "WANDB_DIR",
-                 "WANDB_RUN_ID", "WANDB_RESUME", "WANDB_PROJECT", "WANDB_ENTITY", "WANDB_SERVICE"):  # fmt: skip
-        monkeypatch.delenv(name, raising=False)
-    home = tmp_path / "home"
-    home.mkdir()
-    monkeypatch.setenv("HOME", str(home))
-    monkeypatch.setenv("NETRC", str(home / ".netrc"))
-    monkeypatch.setenv("WANDB_CONFIG_DIR", str(home / "wandb-config"))
-    monkeypatch.setenv("WANDB_CACHE_DIR", str(home / "wandb-cache"))
-    monkeypatch.setenv("WANDB_DATA_DIR", str(home / "wandb-data"))
-    for name in ("WANDB_SILENT", "WANDB__DISABLE_STATS", "WANDB__DISABLE_META", "WANDB_DISABLE_GIT"):
-        monkeypatch.setenv(name, "true")
-    yield
-    if "wandb" in sys.modules:  # in-process runs: stop wandb-core so that files are complete and nothing leaks
-        sys.modules["wandb"].teardown()
+pytestmark = pytest.mark.usefixtures("wandb_env")  # every test: no W&B environment of the caller
 
 
 def run_logger_process(run_dir, logs, run_id=None, resume_step=0, run_config=None) -> dict:

@@ -35,26 +35,6 @@ from tests.helpers.wandb_records import (
 )
 
 
-@pytest.fixture
-def wandb_env(monkeypatch, tmp_path):
-    """No credentials, no W&B environment of the caller; W&B's staging area in ``tmp_path/home``."""
-    for name in ("WANDB_API_KEY", "WANDB_MODE", "WANDB_BASE_URL", "WANDB_IDENTITY_TOKEN_FILE", "WANDB_DIR",
-                 "WANDB_RUN_ID", "WANDB_RESUME", "WANDB_PROJECT", "WANDB_ENTITY", "WANDB_SERVICE"):  # fmt: skip
-        monkeypatch.delenv(name, raising=False)
-    home = tmp_path / "home"
-    home.mkdir()
-    monkeypatch.setenv("HOME", str(home))
-    monkeypatch.setenv("NETRC", str(home / ".netrc"))
-    monkeypatch.setenv("WANDB_CONFIG_DIR", str(home / "wandb-config"))
-    monkeypatch.setenv("WANDB_CACHE_DIR", str(home / "wandb-cache"))
-    monkeypatch.setenv("WANDB_DATA_DIR", str(home / "wandb-data"))
-    for name in ("WANDB_SILENT", "WANDB__DISABLE_STATS", "WANDB__DISABLE_META", "WANDB_DISABLE_GIT"):
-        monkeypatch.setenv(name, "true")
-    yield home
-    if "wandb" in sys.modules:
-        sys.modules["wandb"].teardown()
-
-
 @pytest.mark.parametrize(
     ("policy", "is_final", "is_new_best", "expected"),
     [("best", False, False, None), ("best", False, True, ["step-7", "best"]), ("best", True, False, ["step-7", "last"]),
