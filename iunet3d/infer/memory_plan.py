@@ -1,7 +1,8 @@
 """Where a whole-volume prediction blends its windows: in memory, or streamed through a Zarr accumulator.
 
 The budget covers the buffers prediction allocates, which grow with the volume or the window: the
-accumulator, a batch of windows and their outputs, and the block being finalised (blend, argmax, softmax).
+accumulator, the input rows of one z position of windows, a batch of windows and their outputs, and the
+block being finalised (blend, argmax, softmax).
 It does not cover the network's own activations.
 
 When the model runs at a target spacing, the windows run on the resampled grid (``target_shape``): the
@@ -65,6 +66,8 @@ def plan_memory(
     windows = window_bytes(num_classes, patch_size, batch_size)
     if resampled:
         windows += resampled_window_bytes(patch_size, shape, grid, batch_size)
+    else:
+        windows += input_slab_bytes(shape, patch_size)
 
     def finalizing(block: Sequence[int]) -> int:
         if resampled:
@@ -104,6 +107,14 @@ def _covering(size: Sequence[int], shape: Sequence[int], grid: Sequence[int]) ->
 def window_bytes(num_classes: int, patch_size: Sequence[int], batch_size: int) -> int:
     """A batch of float32 windows, its outputs and their sum over mirrorings."""
     return 4 * batch_size * math.prod(patch_size) * (1 + 2 * num_classes)
+
+
+def input_slab_bytes(shape: Sequence[int], patch_size: Sequence[int]) -> int:
+    """The input rows a native prediction holds (``SlidingWindowPredictor(read_slabs=True)``): one z position of
+    windows (patch depth x the y-x plane, at least the patch) read as int16 and normalised to float32, with
+    one float32 temporary of the normalisation."""
+    plane = math.prod(max(n, p) for n, p in zip(shape[1:], patch_size[1:], strict=True))
+    return (2 + 4 + 4) * patch_size[0] * plane
 
 
 def finalize_bytes(num_classes: int, block: Sequence[int], probabilities: bool) -> int:

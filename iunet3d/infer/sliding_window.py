@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import functools
 import itertools
 from collections.abc import Callable, Sequence
@@ -29,6 +30,18 @@ class SlidingWindowPredictor:
     when the network runs on an accelerator, whose host threads are otherwise idle during the forward pass;
     not on the CPU, where the reader competes with torch's own threads (measured on 2 cores, 48x256x256,
     median of 3: 15.64 s with the reader, 15.06 s without).
+
+    With ``channels_last`` (default) the network runs in channels-last (NDHWC) order: a copy of it whose
+    convolution weights are stored that way (unless they are already), so that every activation is; oneDNN
+    and cuDNN then convolve without reordering. On 2 CPU cores with the benchmark network it took 0.94x the
+    time of the contiguous layout per batch. The caller's network is never changed.
+
+    With ``read_slabs`` (default) the image is read one z position of windows at a time: the rows
+    (patch depth, whole y-x plane) are read and normalised once and the windows at that z are cut from
+    them, so each stored chunk is decompressed once per z position instead of once per window it overlaps
+    (on a 96x256x256 int16 store with 32x64x64 chunks: 0.06 s for all rows against 1.0 s window by window).
+    The rows are ``memory_plan.input_slab_bytes``. Without it (e.g. for a resampled view, interpolated per region),
+    each window is read on its own.
     """
 
     def __init__(
@@ -44,6 +57,8 @@ class SlidingWindowPredictor:
         autocast_dtype: torch.dtype | None = None,
         progress: bool = False,
         read_ahead: bool | None = None,
+        channels_last: bool = True,
+        read_slabs: bool = True,
     ):
         if batch_size < 1:
             raise ValueError(f"batch_size: expected a positive integer, got {batch_size}")
@@ -53,6 +68,9 @@ class SlidingWindowPredictor:
         self.device, self.autocast_dtype, self.progress = torch.device(device), autocast_dtype, progress
         #: read the next batch in a reader thread while the network runs
         self.read_ahead = self.device.type != "cpu" if read_ahead is None else read_ahead
+        self.channels_last = channels_last
+        #: read each z position's rows (patch depth x the whole y-x plane) once, cut its windows from them
+        self.read_slabs = read_slabs
 
     def predict(self, image, accumulator, normalize: Callable[[np.ndarray], np.ndarray] | None = None):
         """Blend the network's output over ``image`` (D, H, W; numpy or Zarr, read window by window) into
@@ -78,11 +96,13 @@ class SlidingWindowPredictor:
             progress = tqdm(total=len(batches), desc="windows", unit="batch", leave=False)
         was_training = self.network.training
         self.network.eval()
+        network = inference_network(self.network, self.channels_last)
         reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="iunet3d-windows") if self.read_ahead else None
         pending = None
         try:
-            with matrices_computed_once(self.network):
-                read = functools.partial(self._read_batch, image, shape, normalize)
+            with matrices_computed_once(network):
+                source = _SlabWindows(image, shape, self.patch_size, normalize) if self.read_slabs else None
+                read = functools.partial(self._read_batch, image, shape, normalize, source)
                 pending = reader.submit(read, batches[0]) if batches and reader is not None else None
                 for index, batch in enumerate(batches):
                     if reader is None:
@@ -90,7 +110,7 @@ class SlidingWindowPredictor:
                     else:
                         windows = pending.result()  # re-raises the reader's error as it was raised
                         pending = reader.submit(read, batches[index + 1]) if index + 1 < len(batches) else None
-                    outputs = self._run(torch.from_numpy(windows)[:, None])
+                    outputs = self._run(network, torch.from_numpy(windows)[:, None])
                     for start, output in zip(batch, outputs, strict=True):
                         crop = _inside(start, self.patch_size, shape)
                         accumulator.add(start, output[(slice(None), *crop)], self.importance[crop])
@@ -106,11 +126,11 @@ class SlidingWindowPredictor:
                 progress.close()
         return accumulator
 
-    def _read_batch(self, image, shape, normalize, batch) -> np.ndarray:
+    def _read_batch(self, image, shape, normalize, slabs: _SlabWindows | None, batch) -> np.ndarray:
         """(B, *patch) float32: the normalised windows at the starts in ``batch``."""
         windows = np.empty((len(batch), *self.patch_size), np.float32)
         for window, start in zip(windows, batch, strict=True):
-            window[...] = self._read(image, start, shape, normalize)
+            window[...] = slabs.window(start) if slabs is not None else self._read(image, start, shape, normalize)
         return windows
 
     def _read(self, image, start, shape, normalize) -> np.ndarray:
@@ -125,7 +145,7 @@ class SlidingWindowPredictor:
         return np.asarray(window, dtype=np.float32)
 
     @torch.inference_mode()
-    def _run(self, windows: torch.Tensor) -> np.ndarray:
+    def _run(self, network: nn.Module, windows: torch.Tensor) -> np.ndarray:
         """(B, 1, *patch) -> (B, K, *patch) float32 numpy, averaged over mirrorings when ``mirror``."""
         windows = windows.to(self.device)
         flips = [()]
@@ -139,12 +159,49 @@ class SlidingWindowPredictor:
         )
         for axes in flips:
             with autocast:
-                output = self.network(windows.flip(axes) if axes else windows).float()
+                output = network(windows.flip(axes) if axes else windows).float()
             output = output.flip(axes) if axes else output
             total = output if total is None else total.add_(output)
         if len(flips) > 1:
             total /= len(flips)
         return total.cpu().numpy()
+
+
+class _SlabWindows:
+    """Windows cut from the rows of one z position at a time: ``image[z : z + patch_z]`` over the whole y-x
+    plane, padded to at least the patch (with the image's ``fill_value`` if it has one, else air in HU)
+    and normalised once; read again only when the windows (z-major) move to another z."""
+
+    def __init__(self, image, shape, patch, normalize):
+        self.image, self.shape, self.patch, self.normalize = image, tuple(shape), tuple(patch), normalize
+        self.z: int | None = None
+        self.rows: np.ndarray | None = None  #: (patch_z, max(H, patch_y), max(W, patch_x)) float32
+
+    def window(self, start) -> np.ndarray:
+        """(patch) float32: the normalised window at ``start`` (z, y, x)."""
+        if start[0] != self.z:
+            self.rows = None  # released before the next rows are read
+            self.rows, self.z = self._read_rows(start[0]), start[0]
+        return self.rows[:, start[1] : start[1] + self.patch[1], start[2] : start[2] + self.patch[2]]
+
+    def _read_rows(self, z: int) -> np.ndarray:
+        rows = np.asarray(self.image[z : min(z + self.patch[0], self.shape[0])])
+        wanted = (self.patch[0], *(max(n, p) for n, p in zip(self.shape[1:], self.patch[1:], strict=True)))
+        padding = [(0, w - n) for w, n in zip(wanted, rows.shape, strict=True)]
+        if any(after for _, after in padding):
+            rows = np.pad(rows, padding, constant_values=getattr(self.image, "fill_value", IMAGE_FILL_HU))
+        rows = self.normalize(rows) if self.normalize is not None else rows
+        return np.asarray(rows, dtype=np.float32)
+
+
+def inference_network(network: nn.Module, channels_last: bool) -> nn.Module:
+    """``network`` (in eval mode) as the predictor runs it: with ``channels_last``, a copy whose 5-D weights
+    are stored channels-last (NDHWC), unless they already all are (e.g. a network trained that way); else
+    ``network`` itself. The copy costs the parameters' memory once per prediction, not per window."""
+    weights = [p for p in network.parameters() if p.dim() == 5]
+    if not channels_last or all(p.is_contiguous(memory_format=torch.channels_last_3d) for p in weights):
+        return network
+    return copy.deepcopy(network).to(memory_format=torch.channels_last_3d)
 
 
 def _inside(start: Sequence[int], patch: Sequence[int], shape: Sequence[int]) -> tuple[slice, ...]:

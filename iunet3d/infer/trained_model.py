@@ -164,9 +164,7 @@ def predict_volume(
     """
     shape = tuple(image.shape)
     num_classes = len(model.class_names)
-    predictor = SlidingWindowPredictor(model.network, model.patch_size, overlap=overlap, batch_size=batch_size,
-                                       mirror=mirror, device=device, autocast_dtype=autocast_dtype,
-                                       progress=progress)  # fmt: skip
+
     labels = np.zeros(shape, np.uint8) if out is None else out
     for name, array, expected in (("out", labels, shape), ("probabilities", probabilities, (num_classes, *shape))):
         if array is not None and tuple(array.shape) != expected:
@@ -174,6 +172,9 @@ def predict_volume(
     if spacing is not None and len(tuple(spacing)) != 3:
         raise ValueError(f"spacing: expected three spacings (z, y, x) in mm, got {spacing!r}")
     target_shape = model.target_grid(shape, spacing)
+    predictor = SlidingWindowPredictor(model.network, model.patch_size, overlap=overlap, batch_size=batch_size,
+                                       mirror=mirror, device=device, autocast_dtype=autocast_dtype,
+                                       progress=progress, read_slabs=target_shape is None)  # fmt: skip
     if plan is None:
         plan = plan_memory(num_classes, shape, model.patch_size, batch_size, getattr(labels, "chunks", None),
                            probabilities is not None, max_memory, stream, target_shape=target_shape)  # fmt: skip

@@ -102,6 +102,16 @@ class AdditiveCoupling(nn.Module):
             return torch.cat([a, b + self._function(a)], dim=1)
         return torch.cat([a + self._function(b), b], dim=1)
 
+    def forward_reusing_input(self, x: torch.Tensor) -> torch.Tensor:
+        """``forward`` written into ``x`` itself, for inference (no gradients; ``x`` is given up): one half is
+        updated in place, so there is neither a sum nor a concatenated copy. Returns ``x``."""
+        a, b = x[:, : self.split_position], x[:, self.split_position :]
+        if self.update_second:
+            b += self._function(a)
+        else:
+            a += self._function(b)
+        return x
+
     def inverse(self, y: torch.Tensor) -> torch.Tensor:
         a, b = y[:, : self.split_position], y[:, self.split_position :]
         if self.update_second:

@@ -12,7 +12,7 @@ from torch import nn
 
 from iunet3d.models.channel_mixing import InvertibleChannelMixing
 from iunet3d.models.coupling import create_standard_module
-from iunet3d.models.engines import REVERSIBLE_ENGINES, FusedPass, MemcnnPass, PlainPass
+from iunet3d.models.engines import REVERSIBLE_ENGINES, FusedPass, InferencePass, MemcnnPass, PlainPass
 from iunet3d.models.layout import ChannelPlan, format_layout, normalise_architecture, normalise_strides, plan_channels
 from iunet3d.models.level_transitions import SplitAndDownsample, UpsampleAndMerge
 from iunet3d.models.orthogonal import ORTHOGONAL_METHODS
@@ -181,10 +181,19 @@ class iUNet(nn.Module):
 
     # ----- forward direction -------------------------------------------------------------------
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x: (B, in_channels, *S) -> (B, in_channels, *S); padded internally if needed."""
+    def forward(self, x: torch.Tensor, *, reuse_input: bool = False) -> torch.Tensor:
+        """x: (B, in_channels, *S) -> (B, in_channels, *S); padded internally if needed.
+
+        Without gradients (inference) the blocks run through ``InferencePass``: the couplings update their
+        input in place and the splits hand back views, on a copy of ``x``; with ``reuse_input`` (a caller
+        that gives ``x`` up, e.g. features it just computed) on ``x`` itself, which is then overwritten.
+        With gradients ``reuse_input`` changes nothing."""
         padded, amounts = self._pad(x)
         run = self._new_pass()
+        if isinstance(run, PlainPass) and not torch.is_grad_enabled():
+            run = InferencePass()
+            if padded is x and not reuse_input:
+                padded = x.clone()
         y = run.outputs([self._decode(self._encode(carried(padded), run), run)])[0].to(x.dtype)
         y = crop_padding(y, amounts) if self.revert_input_padding else y
         return self._guard_outputs(x, amounts, [y])[0]

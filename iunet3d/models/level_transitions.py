@@ -28,6 +28,12 @@ class SplitAndDownsample(nn.Module):
         k = self.skipped_channels
         return x[:, :k].clone(memory_format=torch.contiguous_format), self.downsampling(x[:, k:])
 
+    def forward_reusing_input(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``forward`` for inference (no gradients; ``x`` is given up and not written afterwards): ``skip`` is
+        a view of ``x`` rather than a copy."""
+        k = self.skipped_channels
+        return x[:, :k], self.downsampling(x[:, k:])
+
     def inverse(self, skip: torch.Tensor, low: torch.Tensor) -> torch.Tensor:
         return torch.cat([skip, self.downsampling.inverse(low)], dim=1)
 

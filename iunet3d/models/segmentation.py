@@ -73,7 +73,7 @@ class SegmentationIUNet(nn.Module):
             raise ValueError(
                 f"SegmentationIUNet expects images of shape (B, {self.in_channels}, D, H, W), got {tuple(image.shape)}"
             )
-        return self.output_conv(self.iunet(self.input_conv(image)))
+        return self.output_conv(self.iunet(self.input_conv(image), reuse_input=True))
 
     @torch.no_grad()
     def reconstruction_error(self, image: torch.Tensor) -> ReconstructionError:

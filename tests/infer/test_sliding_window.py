@@ -132,32 +132,33 @@ def test_streaming_keeps_peak_memory_bounded_by_the_window_not_the_volume(tmp_pa
 
 def previous_blend(network, image: np.ndarray, patch, overlap: float, batch_size: int, normalize) -> np.ndarray:
     """The blended output (K, D, H, W) as the implementation before the speed work computed it: windows of
-    ``window_grid`` read one by one, the network under ``no_grad`` (orthogonal matrices recomputed every
-    forward), Gaussian-weighted sums and weights in numpy, ``sums / weights``."""
+    ``window_grid`` read one by one, the network's recorded forward (with autograd: no in-place inference
+    pass, contiguous layout, orthogonal matrices recomputed every forward), Gaussian-weighted sums and
+    weights in numpy, ``sums / weights``."""
     shape = image.shape
     importance = gaussian_importance(patch)
     starts = window_grid(shape, patch, overlap)
     sums, weights = None, np.zeros(shape, np.float32)
-    with torch.no_grad():
-        for i in range(0, len(starts), batch_size):
-            batch = starts[i : i + batch_size]
-            windows = []
-            for start in batch:
-                region = tuple(slice(s, min(s + p, n)) for s, p, n in zip(start, patch, shape, strict=True))
-                window = image[region]
-                padding = [(0, p - n) for p, n in zip(patch, window.shape, strict=True)]
-                window = np.pad(window, padding, constant_values=IMAGE_FILL_HU)
-                windows.append(np.asarray(normalize(window), np.float32))
-            outputs = network(torch.from_numpy(np.stack(windows))[:, None]).float().numpy()
-            if sums is None:
-                sums = np.zeros((outputs.shape[1], *shape), np.float32)
-            for start, output in zip(batch, outputs, strict=True):
-                valid = tuple(min(p, n - s) for p, n, s in zip(patch, shape, start, strict=True))
-                crop = tuple(slice(0, v) for v in valid)
-                region = tuple(slice(s, s + v) for s, v in zip(start, valid, strict=True))
-                channels = (slice(None), *region)
-                sums[channels] = sums[channels] + output[(slice(None), *crop)] * importance[crop]
-                weights[region] = weights[region] + importance[crop]
+    for i in range(0, len(starts), batch_size):
+        batch = starts[i : i + batch_size]
+        windows = []
+        for start in batch:
+            region = tuple(slice(s, min(s + p, n)) for s, p, n in zip(start, patch, shape, strict=True))
+            window = image[region]
+            padding = [(0, p - n) for p, n in zip(patch, window.shape, strict=True)]
+            window = np.pad(window, padding, constant_values=IMAGE_FILL_HU)
+            windows.append(np.asarray(normalize(window), np.float32))
+        with torch.enable_grad():
+            outputs = network(torch.from_numpy(np.stack(windows))[:, None]).detach().float().numpy()
+        if sums is None:
+            sums = np.zeros((outputs.shape[1], *shape), np.float32)
+        for start, output in zip(batch, outputs, strict=True):
+            valid = tuple(min(p, n - s) for p, n, s in zip(patch, shape, start, strict=True))
+            crop = tuple(slice(0, v) for v in valid)
+            region = tuple(slice(s, s + v) for s, v in zip(start, valid, strict=True))
+            channels = (slice(None), *region)
+            sums[channels] = sums[channels] + output[(slice(None), *crop)] * importance[crop]
+            weights[region] = weights[region] + importance[crop]
     return sums / weights
 
 
@@ -214,10 +215,12 @@ def test_labels_and_probabilities_equal_the_previous_implementation_in_memory_an
                              scratch=tmp_path)  # fmt: skip
         np.testing.assert_array_equal(got, labels)
         np.testing.assert_allclose(streamed, softmax(expected), rtol=1e-5, atol=1e-6)
-    with_reader = SlidingWindowPredictor(small_model.network, PATCH, overlap=0.5, batch_size=3, read_ahead=True)
-    blended = with_reader.predict(phantom, MemoryAccumulator(3, phantom.shape), normalize=small_model.normalization)
-    np.testing.assert_allclose(blended.blended(tuple(slice(0, n) for n in phantom.shape)), expected, rtol=1e-5,
-                               atol=1e-6)  # fmt: skip
+    whole = tuple(slice(0, n) for n in phantom.shape)
+    for options in (dict(read_ahead=True), dict(read_slabs=False, channels_last=False)):  # reader thread; per window
+        predictor = SlidingWindowPredictor(small_model.network, PATCH, overlap=0.5, batch_size=3, **options)
+        blended = predictor.predict(phantom, MemoryAccumulator(3, phantom.shape), normalize=small_model.normalization)
+        np.testing.assert_allclose(blended.blended(whole), expected, rtol=1e-5, atol=1e-6)
+    assert all(p.is_contiguous() for p in small_model.network.parameters())  # the caller's network is unchanged
 
 
 def test_the_orthogonal_matrices_are_computed_as_before_after_a_prediction(small_model, phantom):
@@ -280,14 +283,13 @@ def test_a_corrupted_chunk_read_by_the_reader_thread_fails_as_reading_it_directl
     case = open_dataset(tmp_path / "ds").case("broken")
     wrapped = _CaseArray(case.image_array, case, "image")
     expected = None
-    for start in window_grid(image.shape, PATCH, 0.5):  # the first window that fails, read directly
-        region = tuple(slice(s, min(s + p, n)) for s, p, n in zip(start, PATCH, image.shape, strict=True))
+    for z in sorted({start[0] for start in window_grid(image.shape, PATCH, 0.5)}):  # the first rows that fail
         try:
-            wrapped[region]
+            wrapped[z : min(z + PATCH[0], image.shape[0])]  # the predictor reads one z position's rows at a time
         except DataError as error:
             expected = str(error)
             break
-    assert expected is not None and start != (0, 0, 0) and "\n" not in expected
+    assert expected is not None and z != 0 and "\n" not in expected
     with pytest.raises(DataError) as raised:  # on the CPU: read in the calling thread
         predict_volume(small_model, wrapped, batch_size=2)
     assert type(raised.value) is DataError and str(raised.value) == expected

@@ -113,3 +113,27 @@ def test_registry_lists_every_invertible_layer():
     missing = {cls for cls in found if not any(issubclass(cls, base) for base in listed)}
     assert not missing, f"invertible layers missing from INVERTIBLE_LAYERS: {missing}"
     assert {e.layer_type for e in EXAMPLES} == listed
+
+
+REUSING = [e for e in EXAMPLES if hasattr(e.layer_type, "forward_reusing_input")]
+
+
+def test_some_layers_reuse_their_input_at_inference():
+    assert {e.layer_type.__name__ for e in REUSING} >= {"AdditiveCoupling", "SplitAndDownsample"}
+
+
+@pytest.mark.parametrize("example", REUSING, ids=[e.name for e in REUSING])
+def test_forward_reusing_input_equals_forward(example):
+    """The inference variant (in place / views) gives exactly forward's outputs; the coupling's is written
+    into its input, which is why only ``InferencePass`` calls it, on tensors it owns."""
+    layer = _build(example, "cayley", "random")
+    inputs = _inputs(example)
+    given_up = tuple(x.clone() for x in inputs)
+    with torch.no_grad():
+        expected = _as_tuple(layer(*inputs))
+        reused = _as_tuple(layer.forward_reusing_input(*given_up))
+    for want, got in zip(expected, reused, strict=True):
+        assert got.shape == want.shape
+        assert torch.equal(got, want)
+    if example.layer_type.__name__ == "AdditiveCoupling":
+        assert reused[0].untyped_storage().data_ptr() == given_up[0].untyped_storage().data_ptr()

@@ -300,3 +300,33 @@ def test_tutorial_mirror_toy_problem_learns():
         optimizer.step()
         losses.append(loss.item())
     assert sum(losses[-5:]) / 5 < losses[0] / 2
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+@pytest.mark.parametrize("sizes", ["divisible", "odd"])
+def test_inference_pass_equals_the_recorded_forward(name, sizes):
+    """Without gradients the blocks update activations in place and share skips (``InferencePass``): the
+    same outputs as a forward with autograd, the caller's input untouched, and with ``reuse_input`` the
+    same outputs again."""
+    config = CONFIGS[name]
+    model, conventional = _pair(config)
+    x = _input(config, (DIVISIBLE if sizes == "divisible" else ODD)[name])
+    x_copy = x.clone()
+    expected = conventional(x.clone().requires_grad_()).detach()
+    with torch.no_grad():
+        inferred = model(x)
+        assert torch.equal(x, x_copy)
+        reused = model(x.clone(), reuse_input=True)
+    assert relative_error(inferred, expected) < 1e-12
+    assert torch.equal(reused, inferred)
+
+
+def test_inference_in_channels_last_matches_contiguous():
+    config = CONFIGS["3d-aniso"]
+    model, _ = _pair(config)
+    x = _input(config, DIVISIBLE["3d-aniso"])
+    with torch.no_grad():
+        expected = model(x)
+        model.to(memory_format=torch.channels_last_3d)
+        got = model(x.contiguous(memory_format=torch.channels_last_3d))
+    assert relative_error(got, expected) < 1e-12
