@@ -6,14 +6,16 @@ accumulator holds only the chunks a window touches while it adds it, so its memo
 the volume; its chunks are aligned to whole blocks, which are finalised one at a time. With ``slabs`` it
 instead keeps the rows of chunks (along z, the slowest axis) that the current window covers in memory
 (``slab_cache_bytes``: a few chunk rows across the whole y-x plane, independent of the volume's depth) and
-writes each row once, when the windows (z-major) have moved past it.
+writes each row once, when the windows (z-major) have moved past it. ``RowAccumulator`` holds the same
+rows but never writes them: it hands each row, blended, to the caller as soon as it is complete (labels
+written row by row, nothing on disk).
 """
 
 from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -46,14 +48,6 @@ class _Accumulator:
         self.sums[channels] = self.sums[channels] + output * weight
         self.weights[region] = self.weights[region] + weight
 
-    def _add_in_place(self, sums: np.ndarray, weights: np.ndarray, region, output, weight) -> None:
-        """``sums[:, region] += output * weight``, ``weights[region] += weight`` without a (K, d, h, w)
-        temporary of the sum."""
-        target = sums[(slice(None), *region)]
-        for channel, values in zip(target, output, strict=True):
-            channel += values * weight
-        weights[region] += weight
-
     def blocks(self) -> Iterator[tuple[tuple[slice, ...], np.ndarray]]:
         """(region, blended output (K, *region shape)) for each block of the volume."""
         for region in block_regions(self.shape, self.block):
@@ -77,7 +71,7 @@ class MemoryAccumulator(_Accumulator):
 
     def add(self, start: Sequence[int], output: np.ndarray, weight: np.ndarray) -> None:
         """output (K, d, h, w) of the window at ``start``, weighted by weight (d, h, w), added in place."""
-        self._add_in_place(self.sums, self.weights, _region(start, weight.shape), output, weight)
+        _add_in_place(self.sums, self.weights, _region(start, weight.shape), output, weight)
 
 
 class ZarrAccumulator(_Accumulator):
@@ -126,7 +120,7 @@ class ZarrAccumulator(_Accumulator):
             sums, weights = self._row(row)
             inside = (slice(lo - z0, hi - z0), *_region(start[1:], weight.shape[1:]))
             part = slice(lo - start[0], hi - start[0])
-            self._add_in_place(sums, weights, inside, output[:, part], weight[part])
+            _add_in_place(sums, weights, inside, output[:, part], weight[part])
         return None
 
     def blended(self, region: Sequence[slice]) -> np.ndarray:
@@ -161,11 +155,70 @@ class ZarrAccumulator(_Accumulator):
         return slice(row * self.chunk[0], min((row + 1) * self.chunk[0], self.shape[0]))
 
 
+class RowAccumulator:
+    """Sums held only for the rows of chunks along z (each (K, depth, H, W) and (depth, H, W) float32) that
+    the windows still to come can cover: windows are added in z-major order, and a row is blended and handed
+    to ``finished(region, blended (K, d, H, W))`` as soon as a window starts below it, then freed;
+    ``finish`` hands over the rows left. Nothing is written to disk and at most the rows one window covers
+    are held (``slab_cache_bytes``), whatever the volume's depth. A window that reaches a row already
+    handed over is refused (ValueError): it would be lost."""
+
+    def __init__(self, num_classes: int, shape: Sequence[int], depth: int,
+                 finished: Callable[[tuple[slice, ...], np.ndarray], None]):  # fmt: skip
+        if depth < 1:
+            raise ValueError(f"depth: expected a positive number of z slices per row, got {depth}")
+        self.num_classes, self.shape, self.depth, self.finished = num_classes, tuple(shape), depth, finished
+        self._rows: dict[int, tuple[np.ndarray, np.ndarray]] = {}  #: row -> (sums, weights) held
+        self._next = 0  #: rows before this one have been handed over
+
+    def add(self, start: Sequence[int], output: np.ndarray, weight: np.ndarray) -> None:
+        """output (K, d, h, w) of the window at ``start``, weighted by weight (d, h, w)."""
+        first, last = start[0] // self.depth, (start[0] + weight.shape[0] - 1) // self.depth
+        if first < self._next:
+            raise ValueError(f"window at z={start[0]}: its rows were already finished (windows must come in "
+                             f"z-major order)")  # fmt: skip
+        while self._next < first:
+            self._finish(self._next)
+        for row in range(first, last + 1):
+            z0, z1 = row * self.depth, min((row + 1) * self.depth, self.shape[0])
+            lo, hi = max(start[0], z0), min(start[0] + weight.shape[0], z1)  # the window's part of this row
+            if row not in self._rows:
+                self._rows[row] = (np.zeros((self.num_classes, z1 - z0, *self.shape[1:]), np.float32),
+                                   np.zeros((z1 - z0, *self.shape[1:]), np.float32))  # fmt: skip
+            sums, weights = self._rows[row]
+            inside = (slice(lo - z0, hi - z0), *_region(start[1:], weight.shape[1:]))
+            part = slice(lo - start[0], hi - start[0])
+            _add_in_place(sums, weights, inside, output[:, part], weight[part])
+
+    def finish(self) -> None:
+        """Hand over every row not yet handed over, in z order."""
+        while self._next * self.depth < self.shape[0]:
+            self._finish(self._next)
+
+    def _finish(self, row: int) -> None:
+        z0, z1 = row * self.depth, min((row + 1) * self.depth, self.shape[0])
+        sums, weights = self._rows.pop(row, (None, None))
+        if sums is None:
+            raise ValueError(f"rows z={z0}:{z1} were covered by no window")
+        sums /= weights  # the blend, in place
+        self._next = row + 1
+        self.finished((slice(z0, z1), *(slice(0, n) for n in self.shape[1:])), sums)
+
+
 def block_regions(shape: Sequence[int], block: Sequence[int]) -> Iterator[tuple[slice, ...]]:
     """The regions of a grid of ``block``-sized blocks covering ``shape`` (the last ones clipped)."""
     ranges = [range(0, size, step) for size, step in zip(shape, block, strict=True)]
     for start in itertools.product(*ranges):
         yield tuple(slice(s, min(s + b, size)) for s, b, size in zip(start, block, shape, strict=True))
+
+
+def _add_in_place(sums: np.ndarray, weights: np.ndarray, region, output, weight) -> None:
+    """``sums[:, region] += output * weight``, ``weights[region] += weight`` without a (K, d, h, w) temporary
+    of the sum."""
+    target = sums[(slice(None), *region)]
+    for channel, values in zip(target, output, strict=True):
+        channel += values * weight
+    weights[region] += weight
 
 
 def _region(start: Sequence[int], size: Sequence[int]) -> tuple[slice, ...]:

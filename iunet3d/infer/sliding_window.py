@@ -213,9 +213,15 @@ def write_labels(accumulator, labels, probabilities=None) -> None:
     """Write ``argmax`` of the blended output into ``labels`` (D, H, W) uint8 and, if given, its softmax
     into ``probabilities`` (K, D, H, W), block by block (numpy or Zarr arrays)."""
     for region, blended in accumulator.blocks():
-        labels[region] = blended.argmax(axis=0).astype(np.uint8)
-        if probabilities is not None:
-            probabilities[(slice(None), *region)] = softmax(blended)
+        write_block(labels, probabilities, region, blended)
+
+
+def write_block(labels, probabilities, region: tuple[slice, ...], blended: np.ndarray) -> None:
+    """``labels[region]`` = argmax of ``blended`` (K, *region shape) and, if ``probabilities`` is given,
+    ``probabilities[:, region]`` = its softmax."""
+    labels[region] = blended.argmax(axis=0).astype(np.uint8)
+    if probabilities is not None:
+        probabilities[(slice(None), *region)] = softmax(blended)
 
 
 def softmax(blended: np.ndarray) -> np.ndarray:

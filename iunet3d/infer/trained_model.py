@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -19,11 +20,11 @@ from iunet3d.data.resampling import (
     resampled_shape,
     same_spacing,
 )
-from iunet3d.infer.accumulator import MemoryAccumulator, ZarrAccumulator, slab_cache_bytes
+from iunet3d.infer.accumulator import MemoryAccumulator, RowAccumulator, ZarrAccumulator, slab_cache_bytes
 from iunet3d.infer.checkpoint_file import read_checkpoint
 from iunet3d.infer.memory_plan import MemoryPlan, plan_memory
 from iunet3d.infer.resampled_output import write_resampled_labels
-from iunet3d.infer.sliding_window import SlidingWindowPredictor, write_labels
+from iunet3d.infer.sliding_window import SlidingWindowPredictor, write_block, write_labels
 from iunet3d.models.segmentation import SegmentationIUNet
 
 
@@ -157,10 +158,12 @@ def predict_volume(
     small even for streaming fails naming its minimum. ``stream`` True or False forces either way. A
     ``plan`` made by the caller (e.g. to print it, with the same ``target_shape``) is used as it is.
 
-    Streamed, the accumulator keeps the chunk rows along z that the current window covers in memory and
-    writes each chunk once (``ZarrAccumulator(slabs=True)``) when those rows (``slab_cache_bytes``, which
-    grow with the y-x plane, not the depth) fit in ``max_memory`` on top of the plan; else each window reads
-    and writes the chunks it touches.
+    Streamed, when the chunk rows along z that one window covers (``slab_cache_bytes``, which grow with the
+    y-x plane, not the depth) fit in ``max_memory`` on top of the plan, only those rows are held: natively
+    each row is blended and its labels written as soon as the windows have moved past it
+    (``RowAccumulator``, nothing on disk); on a resampled grid the rows go to the Zarr accumulator once
+    each (``ZarrAccumulator(slabs=True)``), since finalising a block interpolates across rows. Otherwise
+    each window reads and writes the accumulator chunks it touches.
     """
     shape = tuple(image.shape)
     num_classes = len(model.class_names)
@@ -195,9 +198,14 @@ def predict_volume(
     if not plan.streamed:
         finalize(MemoryAccumulator(num_classes, grid, block=plan.block))
         return labels
+    slabs = _slabs_fit(plan, num_classes, grid, model.patch_size, max_memory)
+    if slabs and target_shape is None:  # each row of the labels written as soon as its windows are done
+        rows = RowAccumulator(num_classes, grid, plan.chunk[0], functools.partial(write_block, labels, probabilities))
+        predictor.predict(source, rows, normalize)
+        rows.finish()
+        return labels
     with tempfile.TemporaryDirectory(prefix="iunet3d-accumulator-", dir=scratch) as directory:
         path = Path(directory) / "accumulator.zarr"
-        slabs = _slabs_fit(plan, num_classes, grid, model.patch_size, max_memory)
         finalize(ZarrAccumulator(path, num_classes, grid, plan.chunk, block=plan.block, slabs=slabs))
     return labels
 

@@ -12,7 +12,13 @@ import torch
 from torch import nn
 
 from iunet3d.data.case_writer import IMAGE_FILL_HU
-from iunet3d.infer.accumulator import MemoryAccumulator, ZarrAccumulator, accumulator_bytes, slab_cache_bytes
+from iunet3d.infer.accumulator import (
+    MemoryAccumulator,
+    RowAccumulator,
+    ZarrAccumulator,
+    accumulator_bytes,
+    slab_cache_bytes,
+)
 from iunet3d.infer.memory_plan import plan_memory
 from iunet3d.infer.sliding_window import SlidingWindowPredictor, softmax, write_labels
 from iunet3d.infer.trained_model import _slabs_fit, predict_volume
@@ -264,6 +270,41 @@ def test_the_slab_cache_blends_like_memory_in_any_window_order(tmp_path, order):
     assert len(slabs._rows) <= 3  # never more chunk rows than one window covers
     np.testing.assert_allclose(blended(slabs), blended(memory), rtol=1e-6, atol=1e-6)
     assert slab_cache_bytes(2, shape, patch, (4, 8, 8)) == 4 * 3 * 12 * 19 * 23
+
+
+@pytest.mark.parametrize("depth", [4, 3, 30])
+def test_the_row_accumulator_hands_over_each_row_blended_once_in_z_order(depth):
+    """Rows are handed over as soon as the windows (z-major) move past them, blended exactly as in memory,
+    each once and in order, holding no more rows than one window covers; a window reaching a row already
+    handed over is refused."""
+    shape, patch = (21, 19, 23), (8, 16, 16)
+    rng = np.random.default_rng(5)
+    memory = MemoryAccumulator(2, shape)
+    handed: list[tuple[tuple[slice, ...], np.ndarray, int]] = []
+    rows = RowAccumulator(2, shape, depth, lambda region, values: handed.append((region, values.copy(), z_now)))
+    weight = gaussian_importance(patch)
+    held = 0
+    for start in window_grid(shape, patch, 0.5):
+        z_now = start[0]
+        output = rng.normal(size=(2, *patch)).astype(np.float32)
+        crop = tuple(slice(0, min(p, n - s)) for s, p, n in zip(start, patch, shape, strict=True))
+        for accumulator in (memory, rows):
+            accumulator.add(start, output[(slice(None), *crop)], weight[crop])
+        held = max(held, len(rows._rows))
+    z_now = None
+    rows.finish()
+    assert held <= -(-patch[0] // depth) + 1
+    assert [region[0] for region, _, _ in handed] == [slice(z, min(z + depth, shape[0])) for z in range(0, 21, depth)]
+    assert any(when is not None for _, _, when in handed) or depth >= shape[0]  # some rows before the end
+    for region, values, when in handed:
+        assert when is None or when >= region[0].stop  # handed over only once the windows moved past it
+        np.testing.assert_allclose(values, memory.blended(region), rtol=1e-6, atol=1e-6)
+    late = RowAccumulator(2, (16, 16, 16), 4, lambda region, values: None)
+    ones = np.ones((2, 8, 16, 16), np.float32)
+    late.add((0, 0, 0), ones, weight)
+    late.add((8, 0, 0), ones, weight)  # finishes rows 0-1 (z 0:8)
+    with pytest.raises(ValueError, match="z=0: its rows were already finished"):
+        late.add((0, 0, 0), ones, weight)
 
 
 def test_a_corrupted_chunk_read_by_the_reader_thread_fails_as_reading_it_directly(small_model, tmp_path):
