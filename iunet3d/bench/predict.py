@@ -1,4 +1,4 @@
-"""``iunet3d bench predict``: whole-volume prediction, accumulator in memory vs streamed through Zarr.
+"""``iunet3d bench predict``: whole-volume prediction, accumulator in memory vs streamed.
 
 For each ``--sizes`` shape (z, y, x) one CT phantom (``make_phantom``, seed 0, spacing 2.5 x 0.8 x 0.8 mm)
 is written once under ``--dir`` as an int16 Zarr array with our chunking and codec (``create_volume_array``),
@@ -7,15 +7,16 @@ and ``predict_volume`` segments it twice, reading it window by window from that 
 - memory: ``max_memory=None``, so the blended outputs are summed in numpy arrays of
   ``accumulator_bytes`` = 4 * (classes + 1) bytes per voxel, which grow with the volume;
 - streaming: ``max_memory=--max-memory`` MB and ``scratch`` under ``--dir``, so (once the volume is too
-  large for that limit) the sums go through predict_volume's temporary chunked Zarr accumulator on disk,
-  of which only the chunk rows (along z) a window touches are held at a time (its slab cache, when that
-  fits in the limit: ``slab_cache`` in the JSON), else only the chunks a window touches.
+  large for that limit) only the chunk rows (along z) one window covers are held and each row's labels are
+  written as soon as the windows have moved past it ("rows", nothing on disk), when those rows fit in the
+  limit; else the sums go through predict_volume's temporary chunked Zarr accumulator on disk ("zarr
+  chunks"). ``accumulator`` in the JSON says which, as predict_volume decides (``accumulator_kind``).
 
 In both modes the labels go into a uint8 Zarr array on disk chunked and compressed like our stores
-(``out=``), so the only difference is where the accumulator lives. Whether a run really streamed is
-observed, not assumed: its scratch directory's mtime is set to 0 before the call, and predict_volume's
-temporary accumulator directory, created and removed there, moves it (a volume whose accumulator fits in
-the limit is predicted in memory in both modes, and the table says so).
+(``out=``), so the only difference is where the accumulator lives. A Zarr accumulator is also observed, not
+only assumed: the scratch directory's mtime is set to 0 before the call, and predict_volume's temporary
+accumulator directory, created and removed there, moves it (``zarr_used``). A volume whose accumulator
+fits in the limit is predicted in memory in both modes, and the table says so.
 
 The network is the demo's: ``SegmentationIUNet(1, classes, channels, architecture=(1, 1, 1, 1),
 resampling_stride=[(1, 2, 2), (2, 2, 2), (2, 2, 2)], norm=None)``, randomly initialised after
@@ -89,12 +90,13 @@ class RunResult:
     baseline_rss_mb: float  #: VmRSS just before the call (network built, warmed up)
     peak_rss_mb: float  #: VmHWM after the call
     peak_growth_mb: float  #: peak_rss_mb - baseline_rss_mb
-    streamed: bool  #: predict_volume created its Zarr accumulator under the scratch directory
+    streamed: bool  #: not accumulated in memory (accumulator != "memory")
     warmup_s: float
     warmup_streamed: bool  #: the warm-up (the volume's small corner) went through a Zarr accumulator
     labels_sha256: str
     label_counts: list[int]  #: voxels per class
-    slab_cache: bool = False  #: streamed with the accumulator's slab cache (it fit in --max-memory)
+    accumulator: str = "memory"  #: accumulator_kind: memory, rows, zarr rows or zarr chunks
+    zarr_used: bool = False  #: predict_volume created a Zarr accumulator under the scratch directory
     agreement: dict | None = None  #: monai mode: windows and probabilities compared with ours (monai_predict)
 
 
@@ -183,7 +185,10 @@ class _Corner:
         self.array, self.shape = array, tuple(shape)
 
     def __getitem__(self, region):
-        return self.array[region]  # regions start at 0 and stay inside ``shape``
+        """``region``: ``...``, or slices of the leading axes inside ``shape``; the others are the corner's."""
+        region = () if region is Ellipsis else region if isinstance(region, tuple) else (region,)
+        full = (*region, *(slice(None),) * (len(self.shape) - len(region)))
+        return self.array[tuple(slice(*s.indices(n)[:2]) for s, n in zip(full, self.shape, strict=True))]
 
 
 # --- one measurement, in its own process ------------------------------------------------------------------------
@@ -201,14 +206,14 @@ def _predict(model, image, out, args: argparse.Namespace, mode: str, scratch: Pa
     return time.perf_counter() - begin, scratch.stat().st_mtime_ns != 0
 
 
-def _slab_cache(model, shape, out, args: argparse.Namespace) -> bool:
-    """Whether predict_volume's streamed accumulator held its slab cache (as it decides)."""
+def _accumulator(shape, out, args: argparse.Namespace, mode: str) -> str:
+    """The accumulator predict_volume uses for ``shape`` in ``mode`` (as it decides: ``accumulator_kind``)."""
     from iunet3d.infer.memory_plan import plan_memory
-    from iunet3d.infer.trained_model import _slabs_fit
+    from iunet3d.infer.trained_model import accumulator_kind
 
-    max_memory = int(args.max_memory * MB)
+    max_memory = None if mode == "memory" else int(args.max_memory * MB)
     plan = plan_memory(args.classes, shape, args.patch, args.batch_size, out.chunks, False, max_memory, None)
-    return plan.streamed and _slabs_fit(plan, args.classes, shape, args.patch, max_memory)
+    return accumulator_kind(plan, args.classes, shape, args.patch, max_memory)
 
 
 def measure(args: argparse.Namespace) -> dict:
@@ -232,17 +237,21 @@ def measure(args: argparse.Namespace) -> dict:
     corner = tuple(min(n, p + p // 2) for n, p in zip(shape, args.patch, strict=True))
     warmup_out = create_labels(where / f"warmup-{args.mode}.zarr", corner)
     out = create_labels(where / f"labels-{args.mode}.zarr", shape)
-    warmup_s, warmup_streamed = _predict(model, _Corner(image, corner), warmup_out, args, args.mode, scratch)
+    warmup_s, _ = _predict(model, _Corner(image, corner), warmup_out, args, args.mode, scratch)
     gc.collect()
     baseline = _rss_mb("VmRSS")
     _reset_peak_rss()
-    seconds, streamed = _predict(model, image, out, args, args.mode, scratch)
+    seconds, zarr_used = _predict(model, image, out, args, args.mode, scratch)
     peak = _rss_mb("VmHWM")
     labels = np.asarray(out[...])
+    accumulator = _accumulator(shape, out, args, args.mode)
+    if zarr_used != accumulator.startswith("zarr"):
+        raise RuntimeError(f"predict_volume {'did' if zarr_used else 'did not'} use a Zarr accumulator, "
+                           f"but accumulator_kind says {accumulator!r}")  # fmt: skip
     return {
-        "slab_cache": streamed and _slab_cache(model, shape, out, args),
-        "seconds": seconds, "baseline_rss_mb": baseline, "peak_rss_mb": peak, "streamed": streamed,
-        "warmup_s": warmup_s, "warmup_streamed": warmup_streamed,
+        "accumulator": accumulator, "zarr_used": zarr_used,
+        "seconds": seconds, "baseline_rss_mb": baseline, "peak_rss_mb": peak, "streamed": accumulator != "memory",
+        "warmup_s": warmup_s, "warmup_streamed": _accumulator(corner, warmup_out, args, args.mode) != "memory",
         "labels_sha256": hashlib.sha256(labels.tobytes()).hexdigest(),
         "label_counts": np.bincount(labels.ravel(), minlength=args.classes).tolist(),
     }  # fmt: skip
@@ -294,13 +303,13 @@ def run_worker(args: argparse.Namespace, directory: Path, shape, mode: str, repe
         peak_growth_mb=round(report["peak_rss_mb"] - report["baseline_rss_mb"], 2), streamed=report["streamed"],
         warmup_s=round(report["warmup_s"], 3), warmup_streamed=report["warmup_streamed"],
         labels_sha256=report["labels_sha256"], label_counts=report["label_counts"],
-        slab_cache=report.get("slab_cache", False),
+        accumulator=report.get("accumulator", "memory"), zarr_used=report.get("zarr_used", False),
         agreement={key: value for key, value in report.items() if key not in _MEASURED} if mode == MONAI_MODE else None,
     )  # fmt: skip
 
 
-_MEASURED = ("slab_cache", "seconds", "baseline_rss_mb", "peak_rss_mb", "streamed", "warmup_s", "warmup_streamed",
-             "labels_sha256", "label_counts")  # fmt: skip
+_MEASURED = ("accumulator", "zarr_used", "seconds", "baseline_rss_mb", "peak_rss_mb", "streamed", "warmup_s",
+             "warmup_streamed", "labels_sha256", "label_counts")  # fmt: skip
 
 
 def differing_fraction(directory: Path, shape, other: str = "streaming") -> float:
@@ -330,7 +339,7 @@ def summarise(args: argparse.Namespace, directory: Path, shape, runs: list[RunRe
             "peak_growth_mb": round(statistics.median(r.peak_growth_mb for r in mine), 2),
             "peak_rss_mb": round(statistics.median(r.peak_rss_mb for r in mine), 2),
             "streamed": all(r.streamed for r in mine),
-            "slab_cache": all(r.slab_cache for r in mine),
+            "accumulator": "/".join(sorted({r.accumulator for r in mine})),
         }
     entry["speed_ratio"] = round(entry["streaming"]["voxels_per_s"] / entry["memory"]["voxels_per_s"], 3)
     hashes = {r.labels_sha256 for r in runs if r.mode in MODES}
@@ -356,7 +365,7 @@ def json_line(entry: dict) -> str:
             "seconds_ours_streamed": entry["streaming"]["seconds"], "streamed": entry["streaming"]["streamed"],
             "peak_mb_ours": entry["memory"]["peak_growth_mb"],
             "peak_mb_ours_streamed": entry["streaming"]["peak_growth_mb"],
-            "slab_cache": entry["streaming"]["slab_cache"],
+            "accumulator_streamed": entry["streaming"]["accumulator"],
             "labels_equal": entry["labels_equal"]}  # fmt: skip
     if MONAI_MODE in entry:
         line |= {"seconds_monai": entry[MONAI_MODE]["seconds"], "peak_mb_monai": entry[MONAI_MODE]["peak_growth_mb"],

@@ -1,8 +1,9 @@
 """Where a whole-volume prediction blends its windows: in memory, or streamed through a Zarr accumulator.
 
 The budget covers the buffers prediction allocates, which grow with the volume or the window: the
-accumulator, the input rows of one z position of windows, a batch of windows and their outputs, and the
-block being finalised (blend, argmax, softmax).
+accumulator, a batch of windows and their outputs, and the block being finalised (blend, argmax, softmax).
+``predict_volume`` holds more only where that fits in the limit too: the chunk rows one window covers
+(``slab_cache_bytes``) and the input rows of one z position of windows (``input_slab_bytes``).
 It does not cover the network's own activations.
 
 When the model runs at a target spacing, the windows run on the resampled grid (``target_shape``): the
@@ -66,8 +67,6 @@ def plan_memory(
     windows = window_bytes(num_classes, patch_size, batch_size)
     if resampled:
         windows += resampled_window_bytes(patch_size, shape, grid, batch_size)
-    else:
-        windows += input_slab_bytes(shape, patch_size)
 
     def finalizing(block: Sequence[int]) -> int:
         if resampled:

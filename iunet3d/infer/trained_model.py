@@ -22,7 +22,7 @@ from iunet3d.data.resampling import (
 )
 from iunet3d.infer.accumulator import MemoryAccumulator, RowAccumulator, ZarrAccumulator, slab_cache_bytes
 from iunet3d.infer.checkpoint_file import read_checkpoint
-from iunet3d.infer.memory_plan import MemoryPlan, plan_memory
+from iunet3d.infer.memory_plan import MemoryPlan, input_slab_bytes, plan_memory
 from iunet3d.infer.resampled_output import write_resampled_labels
 from iunet3d.infer.sliding_window import SlidingWindowPredictor, write_block, write_labels
 from iunet3d.models.segmentation import SegmentationIUNet
@@ -163,7 +163,9 @@ def predict_volume(
     each row is blended and its labels written as soon as the windows have moved past it
     (``RowAccumulator``, nothing on disk); on a resampled grid the rows go to the Zarr accumulator once
     each (``ZarrAccumulator(slabs=True)``), since finalising a block interpolates across rows. Otherwise
-    each window reads and writes the accumulator chunks it touches.
+    each window reads and writes the accumulator chunks it touches. The input is read one z position of
+    windows at a time (``input_slab_bytes``) when those rows fit in ``max_memory`` on top of that, else
+    window by window.
     """
     shape = tuple(image.shape)
     num_classes = len(model.class_names)
@@ -175,9 +177,6 @@ def predict_volume(
     if spacing is not None and len(tuple(spacing)) != 3:
         raise ValueError(f"spacing: expected three spacings (z, y, x) in mm, got {spacing!r}")
     target_shape = model.target_grid(shape, spacing)
-    predictor = SlidingWindowPredictor(model.network, model.patch_size, overlap=overlap, batch_size=batch_size,
-                                       mirror=mirror, device=device, autocast_dtype=autocast_dtype,
-                                       progress=progress, read_slabs=target_shape is None)  # fmt: skip
     if plan is None:
         plan = plan_memory(num_classes, shape, model.patch_size, batch_size, getattr(labels, "chunks", None),
                            probabilities is not None, max_memory, stream, target_shape=target_shape)  # fmt: skip
@@ -187,6 +186,14 @@ def predict_volume(
         source = ResampledVolume(image, spacing, model.target_spacing, normalize=model.normalization,
                                  order=model.image_interpolation)  # fmt: skip
         normalize, grid = None, source.shape  # the view is normalised already
+    kind = accumulator_kind(plan, num_classes, grid, model.patch_size, max_memory)
+    held = plan.needed_bytes + (slab_cache_bytes(num_classes, grid, model.patch_size, plan.chunk)
+                                if kind in ("rows", "zarr rows") else 0)  # fmt: skip
+    rows_fit = max_memory is None or held + input_slab_bytes(shape, model.patch_size) <= max_memory
+    read_slabs = target_shape is None and rows_fit
+    predictor = SlidingWindowPredictor(model.network, model.patch_size, overlap=overlap, batch_size=batch_size,
+                                       mirror=mirror, device=device, autocast_dtype=autocast_dtype,
+                                       progress=progress, read_slabs=read_slabs)  # fmt: skip
 
     def finalize(accumulator) -> None:
         predictor.predict(source, accumulator, normalize)
@@ -195,19 +202,33 @@ def predict_volume(
         else:
             write_resampled_labels(accumulator, labels, probabilities, block=plan.block)
 
-    if not plan.streamed:
+    if kind == "memory":
         finalize(MemoryAccumulator(num_classes, grid, block=plan.block))
         return labels
-    slabs = _slabs_fit(plan, num_classes, grid, model.patch_size, max_memory)
-    if slabs and target_shape is None:  # each row of the labels written as soon as its windows are done
+    if kind == "rows":  # each row of the labels written as soon as its windows are done
         rows = RowAccumulator(num_classes, grid, plan.chunk[0], functools.partial(write_block, labels, probabilities))
         predictor.predict(source, rows, normalize)
         rows.finish()
         return labels
     with tempfile.TemporaryDirectory(prefix="iunet3d-accumulator-", dir=scratch) as directory:
         path = Path(directory) / "accumulator.zarr"
-        finalize(ZarrAccumulator(path, num_classes, grid, plan.chunk, block=plan.block, slabs=slabs))
+        finalize(ZarrAccumulator(path, num_classes, grid, plan.chunk, block=plan.block, slabs=kind == "zarr rows"))
     return labels
+
+
+ACCUMULATOR_KINDS = ("memory", "rows", "zarr rows", "zarr chunks")
+
+
+def accumulator_kind(plan: MemoryPlan, num_classes: int, grid: Sequence[int], patch: Sequence[int],
+                     max_memory: int | None) -> str:  # fmt: skip
+    """How ``predict_volume`` blends under ``plan`` (one of ``ACCUMULATOR_KINDS``): "memory" (not streamed);
+    streamed natively with the chunk rows one window covers in memory, "rows" (``RowAccumulator``, nothing on
+    disk); on a resampled grid (``plan.target_shape``) with those rows, "zarr rows"; else "zarr chunks"."""
+    if not plan.streamed:
+        return "memory"
+    if not _slabs_fit(plan, num_classes, grid, patch, max_memory):
+        return "zarr chunks"
+    return "rows" if plan.target_shape is None else "zarr rows"
 
 
 def _slabs_fit(plan: MemoryPlan, num_classes: int, grid: Sequence[int], patch: Sequence[int],
