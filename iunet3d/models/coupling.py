@@ -96,21 +96,22 @@ class AdditiveCoupling(nn.Module):
         self.split_position = split_position
         self.update_second = update_second
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    #: ``forward`` takes ``reuse_input`` (``InferencePass`` passes it)
+    can_reuse_input = True
+
+    def forward(self, x: torch.Tensor, *, reuse_input: bool = False) -> torch.Tensor:
+        """x -> y. With ``reuse_input`` and gradients off (inference; the caller gives ``x`` up) one half of
+        ``x`` is updated in place and ``x`` itself returned: neither a sum nor a concatenated copy."""
         a, b = x[:, : self.split_position], x[:, self.split_position :]
+        if reuse_input and not torch.is_grad_enabled():
+            if self.update_second:
+                b += self._function(a)
+            else:
+                a += self._function(b)
+            return x
         if self.update_second:
             return torch.cat([a, b + self._function(a)], dim=1)
         return torch.cat([a + self._function(b), b], dim=1)
-
-    def forward_reusing_input(self, x: torch.Tensor) -> torch.Tensor:
-        """``forward`` written into ``x`` itself, for inference (no gradients; ``x`` is given up): one half is
-        updated in place, so there is neither a sum nor a concatenated copy. Returns ``x``."""
-        a, b = x[:, : self.split_position], x[:, self.split_position :]
-        if self.update_second:
-            b += self._function(a)
-        else:
-            a += self._function(b)
-        return x
 
     def inverse(self, y: torch.Tensor) -> torch.Tensor:
         a, b = y[:, : self.split_position], y[:, self.split_position :]

@@ -3,7 +3,7 @@
 - ``PlainPass``: ordinary autograd, which stores activations (``disable_custom_gradient=True``, and the
   passes without gradients other than ``forward``'s).
 - ``InferencePass``: ``forward`` without gradients; a layer that can reuse its input's memory does
-  (``forward_reusing_input``: the couplings add in place, the split hands back a view).
+  (``reuse_input=True``: the couplings add in place, the split hands back a view).
 - ``FusedPass`` (``reversible_engine="fused"``, the default): ``ReversibleTape``, one recomputation per
   block.
 - ``MemcnnPass`` (``reversible_engine="memcnn"``): memcnn's wrapper, the reference implementation.
@@ -38,14 +38,15 @@ class PlainPass:
 
 
 class InferencePass(PlainPass):
-    """Layers called without gradients on activations the pass owns: a layer with a
-    ``forward_reusing_input`` (the same result as its forward, written into its input or sharing its memory)
-    is called through it, so inference allocates and copies less. The caller of the pass gives up the
-    tensors it hands in (the iUNet copies its caller's input first)."""
+    """Layers called without gradients on activations the pass owns: a layer that ``can_reuse_input`` is
+    called with ``reuse_input=True`` (the same result, written into its input or sharing its memory), so
+    inference allocates and copies less. The caller of the pass gives up the tensors it hands in (the
+    iUNet copies its caller's input first)."""
 
     def __call__(self, layer: nn.Module, *inputs: torch.Tensor):
-        reusing = getattr(layer, "forward_reusing_input", None)
-        return layer(*inputs) if reusing is None else reusing(*inputs)
+        if getattr(layer, "can_reuse_input", False):
+            return layer(*inputs, reuse_input=True)
+        return layer(*inputs)
 
 
 class _InverseOf:

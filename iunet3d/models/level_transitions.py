@@ -24,15 +24,16 @@ class SplitAndDownsample(nn.Module):
         self.skipped_channels = skipped_channels
         self.downsampling = downsampling
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        k = self.skipped_channels
-        return x[:, :k].clone(memory_format=torch.contiguous_format), self.downsampling(x[:, k:])
+    #: ``forward`` takes ``reuse_input`` (``InferencePass`` passes it)
+    can_reuse_input = True
 
-    def forward_reusing_input(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``forward`` for inference (no gradients; ``x`` is given up and not written afterwards): ``skip`` is
-        a view of ``x`` rather than a copy."""
+    def forward(self, x: torch.Tensor, *, reuse_input: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """x -> (skip, low). With ``reuse_input`` and gradients off (inference; ``x`` is given up and not
+        written afterwards) ``skip`` is a view of ``x`` rather than a copy."""
         k = self.skipped_channels
-        return x[:, :k], self.downsampling(x[:, k:])
+        if reuse_input and not torch.is_grad_enabled():
+            return x[:, :k], self.downsampling(x[:, k:])
+        return x[:, :k].clone(memory_format=torch.contiguous_format), self.downsampling(x[:, k:])
 
     def inverse(self, skip: torch.Tensor, low: torch.Tensor) -> torch.Tensor:
         return torch.cat([skip, self.downsampling.inverse(low)], dim=1)

@@ -20,7 +20,13 @@ from iunet3d.infer.accumulator import (
     slab_cache_bytes,
 )
 from iunet3d.infer.memory_plan import plan_memory
-from iunet3d.infer.sliding_window import SlidingWindowPredictor, softmax, write_labels
+from iunet3d.infer.sliding_window import (
+    FREEZE_MIN_FORWARDS,
+    SlidingWindowPredictor,
+    frozen_for_inference,
+    softmax,
+    write_labels,
+)
 from iunet3d.infer.trained_model import _slabs_fit, predict_volume
 from iunet3d.infer.windows import gaussian_importance, window_grid, window_starts
 from iunet3d.models.orthogonal import matrices_computed_once
@@ -222,11 +228,38 @@ def test_labels_and_probabilities_equal_the_previous_implementation_in_memory_an
         np.testing.assert_array_equal(got, labels)
         np.testing.assert_allclose(streamed, softmax(expected), rtol=1e-5, atol=1e-6)
     whole = tuple(slice(0, n) for n in phantom.shape)
-    for options in (dict(read_ahead=True), dict(read_slabs=False, channels_last=False)):  # reader thread; per window
+    for options in (dict(read_ahead=True), dict(read_slabs=False, channels_last=False), dict(freeze=True)):
         predictor = SlidingWindowPredictor(small_model.network, PATCH, overlap=0.5, batch_size=3, **options)
         blended = predictor.predict(phantom, MemoryAccumulator(3, phantom.shape), normalize=small_model.normalization)
         np.testing.assert_allclose(blended.blended(whole), expected, rtol=1e-5, atol=1e-6)
     assert all(p.is_contiguous() for p in small_model.network.parameters())  # the caller's network is unchanged
+
+
+def test_the_frozen_network_runs_where_it_pays_and_an_untraceable_one_runs_as_it_is(small_model):
+    """By default the trace is used on the CPU in float32 from FREEZE_MIN_FORWARDS forward passes; a network
+    that cannot be traced is run as it is, with the same blend as without freezing."""
+    predictor = SlidingWindowPredictor(small_model.network, PATCH)
+    assert not predictor._freezes(FREEZE_MIN_FORWARDS - 1) and predictor._freezes(FREEZE_MIN_FORWARDS)
+    assert SlidingWindowPredictor(small_model.network, PATCH, mirror=True)._freezes(FREEZE_MIN_FORWARDS // 8)
+    assert not SlidingWindowPredictor(small_model.network, PATCH, autocast_dtype=torch.bfloat16)._freezes(10**6)
+    windows = torch.randn(2, 1, *PATCH)
+    frozen = frozen_for_inference(small_model.network, windows)
+    assert isinstance(frozen, torch.jit.ScriptModule)
+    with torch.no_grad():
+        torch.testing.assert_close(frozen(windows), small_model.network(windows), rtol=1e-5, atol=1e-5)
+
+    class Untraceable(nn.Module):  # returns a Python float beside the tensor: TorchScript cannot trace it
+        def forward(self, x):
+            return ScaledCopies()(x) if torch.jit.is_tracing() is False else {"x": x, "scale": 1.0}
+
+    assert frozen_for_inference(Untraceable(), windows) is None
+    image = np.random.default_rng(0).normal(size=(12, 20, 20)).astype(np.float32)
+    expected = SlidingWindowPredictor(ScaledCopies(), PATCH, freeze=False).predict(
+        image, MemoryAccumulator(3, image.shape)
+    )
+    got = SlidingWindowPredictor(Untraceable(), PATCH, freeze=True).predict(image, MemoryAccumulator(3, image.shape))
+    whole = tuple(slice(0, n) for n in image.shape)
+    np.testing.assert_array_equal(got.blended(whole), expected.blended(whole))
 
 
 def test_the_orthogonal_matrices_are_computed_as_before_after_a_prediction(small_model, phantom):

@@ -115,7 +115,7 @@ def test_registry_lists_every_invertible_layer():
     assert {e.layer_type for e in EXAMPLES} == listed
 
 
-REUSING = [e for e in EXAMPLES if hasattr(e.layer_type, "forward_reusing_input")]
+REUSING = [e for e in EXAMPLES if getattr(e.layer_type, "can_reuse_input", False)]
 
 
 def test_some_layers_reuse_their_input_at_inference():
@@ -123,7 +123,7 @@ def test_some_layers_reuse_their_input_at_inference():
 
 
 @pytest.mark.parametrize("example", REUSING, ids=[e.name for e in REUSING])
-def test_forward_reusing_input_equals_forward(example):
+def test_forward_reusing_its_input_equals_forward(example):
     """The inference variant (in place / views) gives exactly forward's outputs; the coupling's is written
     into its input, which is why only ``InferencePass`` calls it, on tensors it owns."""
     layer = _build(example, "cayley", "random")
@@ -131,9 +131,14 @@ def test_forward_reusing_input_equals_forward(example):
     given_up = tuple(x.clone() for x in inputs)
     with torch.no_grad():
         expected = _as_tuple(layer(*inputs))
-        reused = _as_tuple(layer.forward_reusing_input(*given_up))
+        reused = _as_tuple(layer(*given_up, reuse_input=True))
     for want, got in zip(expected, reused, strict=True):
         assert got.shape == want.shape
         assert torch.equal(got, want)
     if example.layer_type.__name__ == "AdditiveCoupling":
         assert reused[0].untyped_storage().data_ptr() == given_up[0].untyped_storage().data_ptr()
+    with torch.enable_grad():  # with gradients the input is never reused
+        inputs_with_grad = tuple(x.clone().requires_grad_() for x in inputs)
+        outputs = _as_tuple(layer(*inputs_with_grad, reuse_input=True))
+    pointers = {x.untyped_storage().data_ptr() for x in inputs_with_grad}
+    assert not pointers & {y.untyped_storage().data_ptr() for y in outputs}
