@@ -4,8 +4,9 @@ For each ``--sizes`` shape (z, y, x) one CT phantom (``make_phantom``, seed 0, s
 is written once under ``--dir`` as an int16 Zarr array with our chunking and codec (``create_volume_array``),
 and ``predict_volume`` segments it twice, reading it window by window from that store:
 
-- memory: ``max_memory=None``, so the blended outputs are summed in numpy arrays of
-  ``accumulator_bytes`` = 4 * (classes + 1) bytes per voxel, which grow with the volume;
+- memory: ``max_memory=None``: natively predict_volume then holds only the chunk rows one window covers
+  and writes each row's labels as soon as the windows have moved past it ("rows"); before, it summed the
+  whole volume in numpy arrays of ``accumulator_bytes`` = 4 * (classes + 1) bytes per voxel;
 - streaming: ``max_memory=--max-memory`` MB and ``scratch`` under ``--dir``, so (once the volume is too
   large for that limit) only the chunk rows (along z) one window covers are held and each row's labels are
   written as soon as the windows have moved past it ("rows", nothing on disk), when those rows fit in the
@@ -90,7 +91,7 @@ class RunResult:
     baseline_rss_mb: float  #: VmRSS just before the call (network built, warmed up)
     peak_rss_mb: float  #: VmHWM after the call
     peak_growth_mb: float  #: peak_rss_mb - baseline_rss_mb
-    streamed: bool  #: not accumulated in memory (accumulator != "memory")
+    streamed: bool  #: through a Zarr accumulator on disk (observed: zarr_used)
     warmup_s: float
     warmup_streamed: bool  #: the warm-up (the volume's small corner) went through a Zarr accumulator
     labels_sha256: str
@@ -250,8 +251,8 @@ def measure(args: argparse.Namespace) -> dict:
                            f"but accumulator_kind says {accumulator!r}")  # fmt: skip
     return {
         "accumulator": accumulator, "zarr_used": zarr_used,
-        "seconds": seconds, "baseline_rss_mb": baseline, "peak_rss_mb": peak, "streamed": accumulator != "memory",
-        "warmup_s": warmup_s, "warmup_streamed": _accumulator(corner, warmup_out, args, args.mode) != "memory",
+        "seconds": seconds, "baseline_rss_mb": baseline, "peak_rss_mb": peak, "streamed": zarr_used,
+        "warmup_s": warmup_s, "warmup_streamed": _accumulator(corner, warmup_out, args, args.mode).startswith("zarr"),
         "labels_sha256": hashlib.sha256(labels.tobytes()).hexdigest(),
         "label_counts": np.bincount(labels.ravel(), minlength=args.classes).tolist(),
     }  # fmt: skip

@@ -32,9 +32,12 @@ class MemoryPlan:
     block: tuple[int, ...]  #: the regions of the scan grid finalised one at a time
     target_shape: tuple[int, ...] | None = None  #: the resampled grid the windows run on (None: the scan's)
 
-    def describe(self, max_memory: int | None) -> str:
+    def describe(self, max_memory: int | None, kind: str | None = None) -> str:
+        """One line: the in-memory need, the limit and the way chosen (``kind``: ``accumulator_kind``'s)."""
         limit = "no limit" if max_memory is None else f"limit {max_memory / 2**20:.0f} MB"
         way = "streamed through a Zarr accumulator" if self.streamed else "in memory"
+        if kind == "rows":
+            way = "only the rows one window covers are held, labels written row by row"
         grid = "" if self.target_shape is None else f" on the resampled grid {'x'.join(map(str, self.target_shape))}"
         return f"{self.in_memory_bytes / 2**20:.0f} MB to predict in memory{grid}, {limit}: {way}"
 

@@ -38,7 +38,7 @@ from iunet3d.infer.prediction_store import (
 )
 from iunet3d.infer.prediction_tracking import case_result, finish_tracking, start_tracking
 from iunet3d.infer.sharding import shard_cases
-from iunet3d.infer.trained_model import TrainedModel, load_trained_model, predict_volume
+from iunet3d.infer.trained_model import TrainedModel, accumulator_kind, load_trained_model, predict_volume
 from iunet3d.models.precision import autocast_dtype_for
 from iunet3d.tracking.case_table import CaseResult, keep_worst_panels
 from iunet3d.tracking.wandb_run import WandbConfig
@@ -136,7 +136,8 @@ def _predict_case(args, model: TrainedModel, job: _CaseJob, max_memory: int, dis
                        prediction_chunks(case), args.probabilities, max_memory,
                        target_shape=target_shape)  # fmt: skip
     resampling = "" if target_shape is None else f"{resampling_line(case, model.target_spacing, target_shape)}; "
-    say(f"{job.counter} {case.name} {case.shape}: {resampling}{plan.describe(max_memory)}")
+    kind = accumulator_kind(plan, len(model.class_names), target_shape or case.shape, model.patch_size, max_memory)
+    say(f"{job.counter} {case.name} {case.shape}: {resampling}{plan.describe(max_memory, kind)}")
     warning = spacing_warning(model, case.spacing)
     if warning is not None:
         warnings.warn(f"case {case.name}: {warning}", UserWarning, stacklevel=2)

@@ -280,6 +280,35 @@ def write_block(labels, probabilities, region: tuple[slice, ...], blended: np.nd
         probabilities[(slice(None), *region)] = softmax(blended)
 
 
+class RowLabelWriter:
+    """Writes the blended rows a ``RowAccumulator`` hands over (in z order) into ``labels`` (D, H, W) uint8
+    and, if given, their softmax into ``probabilities`` (K, D, H, W): the labels are gathered in one uint8
+    buffer per ``depth`` z slices (a chunked array's chunk depth) and written once per such block, so that
+    no compressed chunk is read back and rewritten; the probabilities are written row by row."""
+
+    def __init__(self, labels, probabilities, depth: int):
+        self.labels, self.probabilities, self.depth = labels, probabilities, max(1, depth)
+        self.shape = tuple(labels.shape)
+        self.buffer: np.ndarray | None = None
+
+    def __call__(self, region: tuple[slice, ...], blended: np.ndarray) -> None:
+        if self.probabilities is not None:
+            self.probabilities[(slice(None), *region)] = softmax(blended)
+        row = blended.argmax(axis=0).astype(np.uint8)
+        z, stop = region[0].start, region[0].stop
+        while z < stop:
+            block_start = z // self.depth * self.depth
+            block_stop = min(block_start + self.depth, self.shape[0])
+            if self.buffer is None:
+                self.buffer = np.empty((block_stop - block_start, *self.shape[1:]), np.uint8)
+            end = min(stop, block_stop)
+            self.buffer[z - block_start : end - block_start] = row[z - region[0].start : end - region[0].start]
+            if end == block_stop:
+                self.labels[block_start:block_stop] = self.buffer
+                self.buffer = None
+            z = end
+
+
 def softmax(blended: np.ndarray) -> np.ndarray:
     """Class probabilities (K, d, h, w) float32 of blended network outputs (K, d, h, w), over axis 0."""
     exponentials = np.exp(blended - blended.max(axis=0, keepdims=True))

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -24,7 +23,7 @@ from iunet3d.infer.accumulator import MemoryAccumulator, RowAccumulator, ZarrAcc
 from iunet3d.infer.checkpoint_file import read_checkpoint
 from iunet3d.infer.memory_plan import MemoryPlan, input_slab_bytes, plan_memory
 from iunet3d.infer.resampled_output import write_resampled_labels
-from iunet3d.infer.sliding_window import SlidingWindowPredictor, write_block, write_labels
+from iunet3d.infer.sliding_window import RowLabelWriter, SlidingWindowPredictor, write_labels
 from iunet3d.models.segmentation import SegmentationIUNet
 
 
@@ -187,10 +186,11 @@ def predict_volume(
                                  order=model.image_interpolation)  # fmt: skip
         normalize, grid = None, source.shape  # the view is normalised already
     kind = accumulator_kind(plan, num_classes, grid, model.patch_size, max_memory)
-    held = plan.needed_bytes + (slab_cache_bytes(num_classes, grid, model.patch_size, plan.chunk)
-                                if kind in ("rows", "zarr rows") else 0)  # fmt: skip
+    rows_held = plan.streamed and kind in ("rows", "zarr rows")
+    cache = slab_cache_bytes(num_classes, grid, model.patch_size, _row_chunk(plan, model.patch_size))
+    held = plan.needed_bytes + (cache if rows_held else 0)
     rows_fit = max_memory is None or held + input_slab_bytes(shape, model.patch_size) <= max_memory
-    read_slabs = target_shape is None and rows_fit
+    read_slabs = target_shape is None and (not plan.streamed or rows_fit)  # in memory: instead of the accumulator
     predictor = SlidingWindowPredictor(model.network, model.patch_size, overlap=overlap, batch_size=batch_size,
                                        mirror=mirror, device=device, autocast_dtype=autocast_dtype,
                                        progress=progress, read_slabs=read_slabs)  # fmt: skip
@@ -206,7 +206,8 @@ def predict_volume(
         finalize(MemoryAccumulator(num_classes, grid, block=plan.block))
         return labels
     if kind == "rows":  # each row of the labels written as soon as its windows are done
-        rows = RowAccumulator(num_classes, grid, plan.chunk[0], functools.partial(write_block, labels, probabilities))
+        writer = RowLabelWriter(labels, probabilities, (getattr(labels, "chunks", None) or plan.block)[0])
+        rows = RowAccumulator(num_classes, grid, _row_chunk(plan, model.patch_size)[0], writer)
         predictor.predict(source, rows, normalize)
         rows.finish()
         return labels
@@ -221,14 +222,24 @@ ACCUMULATOR_KINDS = ("memory", "rows", "zarr rows", "zarr chunks")
 
 def accumulator_kind(plan: MemoryPlan, num_classes: int, grid: Sequence[int], patch: Sequence[int],
                      max_memory: int | None) -> str:  # fmt: skip
-    """How ``predict_volume`` blends under ``plan`` (one of ``ACCUMULATOR_KINDS``): "memory" (not streamed);
-    streamed natively with the chunk rows one window covers in memory, "rows" (``RowAccumulator``, nothing on
-    disk); on a resampled grid (``plan.target_shape``) with those rows, "zarr rows"; else "zarr chunks"."""
+    """How ``predict_volume`` blends under ``plan`` (one of ``ACCUMULATOR_KINDS``). Natively (no
+    ``plan.target_shape``): "rows" (``RowAccumulator``: only the chunk rows one window covers are held, each
+    row's labels written as soon as the windows have moved past it, nothing on disk) whenever those rows
+    fit: always when the plan fits in memory (the rows hold less than the whole accumulator it counts),
+    else when the streamed plan plus the rows fit in ``max_memory``. On a resampled grid, where finalising
+    a block interpolates across rows: "memory" when the plan fits in memory, else the Zarr accumulator with
+    those rows held ("zarr rows") when they fit. Otherwise "zarr chunks"."""
+    native = plan.target_shape is None
     if not plan.streamed:
-        return "memory"
+        return "rows" if native else "memory"
     if not _slabs_fit(plan, num_classes, grid, patch, max_memory):
         return "zarr chunks"
-    return "rows" if plan.target_shape is None else "zarr rows"
+    return "rows" if native else "zarr rows"
+
+
+def _row_chunk(plan: MemoryPlan, patch: Sequence[int]) -> tuple[int, ...]:
+    """The rows' chunks: the streamed plan's accumulator chunks, else the same rule (half a window)."""
+    return plan.chunk or tuple(max(1, p // 2) for p in patch)
 
 
 def _slabs_fit(plan: MemoryPlan, num_classes: int, grid: Sequence[int], patch: Sequence[int],

@@ -75,12 +75,15 @@ def test_labels_are_identical_across_modes_and_not_trivial(bench):
 
 
 @pytest.mark.slow
-def test_in_memory_peak_grows_with_the_accumulator_and_streaming_does_not(bench):
+def test_neither_mode_holds_the_whole_accumulator(bench):
+    """Without a limit the rows one window covers are held (nothing on disk); with the 8 MB limit, which
+    those rows do not fit in, the Zarr accumulator streams; neither peak grows to the accumulator's size."""
     report, _, _ = bench
     large = report["sizes"][1]
     accumulator_mb = large["accumulator_bytes"] / 2**20
     assert accumulator_mb > 100
-    assert large["memory"]["peak_growth_mb"] >= 0.8 * accumulator_mb
+    assert large["memory"]["accumulator"] == "rows" and large["streaming"]["accumulator"] == "zarr chunks"
+    assert large["memory"]["peak_growth_mb"] < accumulator_mb  # 3 rows of 8 of the 48 slices, the network, the trace
     assert large["streaming"]["peak_growth_mb"] < 0.4 * accumulator_mb
 
 
