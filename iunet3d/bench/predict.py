@@ -387,7 +387,7 @@ def format_table(sizes: list[dict], header: str) -> str:
     for entry in sizes:
         memory, streaming = entry["memory"], entry["streaming"]
         equal = "yes" if entry["labels_equal"] else f"no ({entry['differing_fraction']:.2e} of voxels differ)"
-        note = "" if streaming["streamed"] else " (fits: in memory)"
+        note = " (zarr)" if streaming["streamed"] else f" ({streaming.get('accumulator', 'memory')})"
         lines.append(
             f"| {size_name(entry['shape'])} | {entry['voxels'] / 1e6:.2f} | {entry['windows']} "
             f"| {entry['accumulator_bytes'] / MB:.1f} | {memory['seconds']:.2f} | {memory['voxels_per_s'] / 1e6:.3f} "
@@ -482,7 +482,7 @@ def run(args: argparse.Namespace) -> int:
                 for mode in _modes(args) if (index + repeat) % 2 == 0 else _modes(args)[::-1]:
                     result = run_worker(args, directory, shape, mode, repeat)
                     mine.append(result)
-                    note = " (fits: in memory)" if mode == "streaming" and not result.streamed else ""
+                    note = f" ({result.accumulator})"
                     print(f"  measured {size_name(shape):>12} {mode:<9} {result.seconds:7.2f} s "
                           f"{result.voxels_per_s / 1e6:6.3f} Mvox/s peak +{result.peak_growth_mb:6.1f} MB{note}",
                           file=sys.stderr, flush=True)  # fmt: skip

@@ -105,7 +105,7 @@ def test_format_table_reports_differing_labels_and_volumes_that_fit():
              "differing_fraction": 1.5e-5}  # fmt: skip
     row = format_table([entry], "header").splitlines()[-1]
     assert row == (
-        "| 32x128x128 | 0.52 | 27 | 10.0 | 2.00 | 1.000 | 60.0 | 4.00 (fits: in memory) | 0.500 | 12.0 | 0.50x "
+        "| 32x128x128 | 0.52 | 27 | 10.0 | 2.00 | 1.000 | 60.0 | 4.00 (memory) | 0.500 | 12.0 | 0.50x "
         "| no (1.50e-05 of voxels differ) |"
     )
 
