@@ -101,7 +101,7 @@ def measure(args: argparse.Namespace) -> dict:
     from pathlib import Path
 
     from iunet3d.bench.memory import _reset_peak_rss, _rss_mb
-    from iunet3d.bench.predict import _Corner, build_model, create_labels, parse_size, size_dir
+    from iunet3d.bench.predict import _Corner, build_model, cpu_seconds, create_labels, parse_size, size_dir
     from iunet3d.data.storage import open_volume_array
     from iunet3d.infer.windows import window_grid
 
@@ -120,13 +120,13 @@ def measure(args: argparse.Namespace) -> dict:
     gc.collect()
     baseline = _rss_mb("VmRSS")
     _reset_peak_rss()
-    begin = time.perf_counter()
+    begin, cpu_begin = time.perf_counter(), cpu_seconds()
     monai_predict(model, image, out, args)
-    seconds = time.perf_counter() - begin
+    seconds, cpu_s = time.perf_counter() - begin, cpu_seconds() - cpu_begin
     peak = _rss_mb("VmHWM")
     labels = np.asarray(out[...])
     report = {
-        "seconds": seconds, "baseline_rss_mb": baseline, "peak_rss_mb": peak, "streamed": False,
+        "seconds": seconds, "cpu_s": cpu_s, "baseline_rss_mb": baseline, "peak_rss_mb": peak, "streamed": False,
         "warmup_s": warmup_s, "warmup_streamed": False,
         "labels_sha256": hashlib.sha256(labels.tobytes()).hexdigest(),
         "label_counts": np.bincount(labels.ravel(), minlength=args.classes).tolist(),

@@ -97,6 +97,7 @@ class RunResult:
     labels_sha256: str
     label_counts: list[int]  #: voxels per class
     accumulator: str = "memory"  #: accumulator_kind: memory, rows, zarr rows or zarr chunks
+    cpu_s: float = 0.0  #: user + system CPU seconds of the call (all threads; not the machine's other tenants)
     zarr_used: bool = False  #: predict_volume created a Zarr accumulator under the scratch directory
     agreement: dict | None = None  #: monai mode: windows and probabilities compared with ours (monai_predict)
 
@@ -195,16 +196,23 @@ class _Corner:
 # --- one measurement, in its own process ------------------------------------------------------------------------
 
 
-def _predict(model, image, out, args: argparse.Namespace, mode: str, scratch: Path) -> tuple[float, bool]:
-    """(seconds of one predict_volume call, whether it streamed through ``scratch``)."""
+def cpu_seconds() -> float:
+    """User + system CPU seconds of this process so far, all its threads: unlike wall-clock time, this does
+    not count time the machine gave to other tenants."""
+    times = os.times()
+    return times.user + times.system
+
+
+def _predict(model, image, out, args: argparse.Namespace, mode: str, scratch: Path) -> tuple[float, bool, float]:
+    """(seconds of one predict_volume call, whether it streamed through ``scratch``, its CPU seconds)."""
     from iunet3d.infer.trained_model import predict_volume
 
     max_memory = None if mode == "memory" else int(args.max_memory * MB)
     os.utime(scratch, ns=(0, 0))  # the temporary accumulator's directory, created and removed there, moves it
-    begin = time.perf_counter()
+    begin, cpu_begin = time.perf_counter(), cpu_seconds()
     predict_volume(model, image, overlap=args.overlap, mirror=False, batch_size=args.batch_size,
                    max_memory=max_memory, scratch=scratch, device="cpu", progress=False, out=out)  # fmt: skip
-    return time.perf_counter() - begin, scratch.stat().st_mtime_ns != 0
+    return time.perf_counter() - begin, scratch.stat().st_mtime_ns != 0, cpu_seconds() - cpu_begin
 
 
 def _accumulator(shape, out, args: argparse.Namespace, mode: str) -> str:
@@ -238,11 +246,11 @@ def measure(args: argparse.Namespace) -> dict:
     corner = tuple(min(n, p + p // 2) for n, p in zip(shape, args.patch, strict=True))
     warmup_out = create_labels(where / f"warmup-{args.mode}.zarr", corner)
     out = create_labels(where / f"labels-{args.mode}.zarr", shape)
-    warmup_s, _ = _predict(model, _Corner(image, corner), warmup_out, args, args.mode, scratch)
+    warmup_s, _, _ = _predict(model, _Corner(image, corner), warmup_out, args, args.mode, scratch)
     gc.collect()
     baseline = _rss_mb("VmRSS")
     _reset_peak_rss()
-    seconds, zarr_used = _predict(model, image, out, args, args.mode, scratch)
+    seconds, zarr_used, cpu_s = _predict(model, image, out, args, args.mode, scratch)
     peak = _rss_mb("VmHWM")
     labels = np.asarray(out[...])
     accumulator = _accumulator(shape, out, args, args.mode)
@@ -250,7 +258,7 @@ def measure(args: argparse.Namespace) -> dict:
         raise RuntimeError(f"predict_volume {'did' if zarr_used else 'did not'} use a Zarr accumulator, "
                            f"but accumulator_kind says {accumulator!r}")  # fmt: skip
     return {
-        "accumulator": accumulator, "zarr_used": zarr_used,
+        "accumulator": accumulator, "zarr_used": zarr_used, "cpu_s": cpu_s,
         "seconds": seconds, "baseline_rss_mb": baseline, "peak_rss_mb": peak, "streamed": zarr_used,
         "warmup_s": warmup_s, "warmup_streamed": _accumulator(corner, warmup_out, args, args.mode).startswith("zarr"),
         "labels_sha256": hashlib.sha256(labels.tobytes()).hexdigest(),
@@ -305,11 +313,12 @@ def run_worker(args: argparse.Namespace, directory: Path, shape, mode: str, repe
         warmup_s=round(report["warmup_s"], 3), warmup_streamed=report["warmup_streamed"],
         labels_sha256=report["labels_sha256"], label_counts=report["label_counts"],
         accumulator=report.get("accumulator", "memory"), zarr_used=report.get("zarr_used", False),
+        cpu_s=round(report.get("cpu_s", 0.0), 3),
         agreement={key: value for key, value in report.items() if key not in _MEASURED} if mode == MONAI_MODE else None,
     )  # fmt: skip
 
 
-_MEASURED = ("accumulator", "zarr_used", "seconds", "baseline_rss_mb", "peak_rss_mb", "streamed", "warmup_s",
+_MEASURED = ("accumulator", "zarr_used", "cpu_s", "seconds", "baseline_rss_mb", "peak_rss_mb", "streamed", "warmup_s",
              "warmup_streamed", "labels_sha256", "label_counts")  # fmt: skip
 
 
@@ -336,6 +345,7 @@ def summarise(args: argparse.Namespace, directory: Path, shape, runs: list[RunRe
         mine = [r for r in runs if r.mode == mode]
         entry[mode] = {
             "seconds": round(statistics.median(r.seconds for r in mine), 4),
+            "cpu_s": round(statistics.median(r.cpu_s for r in mine), 3),
             "voxels_per_s": round(statistics.median(r.voxels_per_s for r in mine), 1),
             "peak_growth_mb": round(statistics.median(r.peak_growth_mb for r in mine), 2),
             "peak_rss_mb": round(statistics.median(r.peak_rss_mb for r in mine), 2),
@@ -350,6 +360,7 @@ def summarise(args: argparse.Namespace, directory: Path, shape, runs: list[RunRe
     if MONAI_MODE in entry:
         theirs = [r for r in runs if r.mode == MONAI_MODE]
         entry["ours_vs_monai"] = round(entry["memory"]["seconds"] / entry[MONAI_MODE]["seconds"], 3)
+        entry["ours_vs_monai_cpu"] = round(entry["memory"]["cpu_s"] / max(entry[MONAI_MODE]["cpu_s"], 1e-9), 3)
         entry["streamed_vs_memory"] = round(entry["streaming"]["seconds"] / entry["memory"]["seconds"], 3)
         entry["monai_labels_differ"] = differing_fraction(directory, shape, MONAI_MODE)
         entry["agreement"] = theirs[-1].agreement
@@ -370,6 +381,8 @@ def json_line(entry: dict) -> str:
             "labels_equal": entry["labels_equal"]}  # fmt: skip
     if MONAI_MODE in entry:
         line |= {"seconds_monai": entry[MONAI_MODE]["seconds"], "peak_mb_monai": entry[MONAI_MODE]["peak_growth_mb"],
+                 "cpu_s_ours": entry["memory"]["cpu_s"], "cpu_s_monai": entry[MONAI_MODE]["cpu_s"],
+                 "ours_vs_monai_cpu": entry["ours_vs_monai_cpu"],
                  "ours_vs_monai": entry["ours_vs_monai"], "streamed_vs_memory": entry["streamed_vs_memory"],
                  "monai_labels_differ": entry["monai_labels_differ"], **entry["agreement"]}  # fmt: skip
     return json.dumps(line)
@@ -397,15 +410,18 @@ def format_table(sizes: list[dict], header: str) -> str:
         )
     against = [entry for entry in sizes if MONAI_MODE in entry]
     if against:
-        lines += ["", "| shape | ours s | MONAI s | ours/MONAI time | streamed/ours time | ours peak +MB "
-                  "| MONAI peak +MB | streamed peak +MB | same windows | max prob diff (MONAI's Gaussian) "
-                  "| max prob diff (same weights) | labels differing from MONAI |", "|---" * 12 + "|"]  # fmt: skip
+        lines += ["", "| shape | ours s | MONAI s | ours/MONAI time | ours/MONAI CPU time | streamed/ours time "
+                  "| ours peak +MB | MONAI peak +MB | streamed peak +MB | same windows "
+                  "| max prob diff (MONAI's Gaussian) | max prob diff (same weights) | labels differing from MONAI |",
+                  "|---" * 13 + "|"]  # fmt: skip
         for entry in against:
             memory, streaming, monai, agreement = (entry["memory"], entry["streaming"], entry[MONAI_MODE],
                                                    entry["agreement"])  # fmt: skip
             lines.append(
                 f"| {size_name(entry['shape'])} | {memory['seconds']:.2f} | {monai['seconds']:.2f} "
-                f"| {entry['ours_vs_monai']:.3f} | {entry['streamed_vs_memory']:.3f} | {memory['peak_growth_mb']:.1f} "
+                f"| {entry['ours_vs_monai']:.3f} | {entry['ours_vs_monai_cpu']:.3f} "
+                f"| {entry['streamed_vs_memory']:.3f} "
+                f"| {memory['peak_growth_mb']:.1f} "
                 f"| {monai['peak_growth_mb']:.1f} | {streaming['peak_growth_mb']:.1f} | "
                 f"{'yes' if agreement['same_windows'] else 'no'} | {agreement['max_prob_diff']:.2e} "
                 f"| {agreement['max_prob_diff_same_weights']:.2e} | {entry['monai_labels_differ']:.2e} |"

@@ -51,6 +51,7 @@ def test_both_modes_run_once_per_size_in_alternating_order(bench):
             assert result["seconds"] > 0 and result["voxels_per_s"] > 0
             assert result["voxels_per_s"] == pytest.approx(entry["voxels"] / result["seconds"], rel=1e-2)
             assert result["peak_rss_mb"] > 100  # a process that imported torch
+            assert 0 < result["cpu_s"] < 3 * result["seconds"] + 1  # CPU seconds of the call, at most 2 threads
         expected = entry["streaming"]["voxels_per_s"] / entry["memory"]["voxels_per_s"]
         assert entry["speed_ratio"] == pytest.approx(expected, rel=1e-2)
     large = report["sizes"][1]
