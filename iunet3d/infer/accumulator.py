@@ -110,16 +110,12 @@ class ZarrAccumulator(_Accumulator):
         """output (K, d, h, w) of the window at ``start``, weighted by weight (d, h, w)."""
         if not self.slabs:
             return super().add(start, output, weight)
-        depth = self.chunk[0]
-        first, last = start[0] // depth, (start[0] + weight.shape[0] - 1) // depth
-        for row in [row for row in self._rows if not first <= row <= last]:
+        pieces = _row_pieces(start, weight.shape, self.chunk[0], self.shape[0])
+        covered = {row for row, _, _ in pieces}
+        for row in [row for row in self._rows if row not in covered]:
             self._flush(row)
-        for row in range(first, last + 1):
-            z0, z1 = row * depth, min((row + 1) * depth, self.shape[0])
-            lo, hi = max(start[0], z0), min(start[0] + weight.shape[0], z1)  # the window's part of this row
+        for row, inside, part in pieces:
             sums, weights = self._row(row)
-            inside = (slice(lo - z0, hi - z0), *_region(start[1:], weight.shape[1:]))
-            part = slice(lo - start[0], hi - start[0])
             _add_in_place(sums, weights, inside, output[:, part], weight[part])
         return None
 
@@ -152,7 +148,7 @@ class ZarrAccumulator(_Accumulator):
         self._written.add(row)
 
     def _z(self, row: int) -> slice:
-        return slice(row * self.chunk[0], min((row + 1) * self.chunk[0], self.shape[0]))
+        return _row_span(row, self.chunk[0], self.shape[0])
 
 
 class RowAccumulator:
@@ -173,21 +169,19 @@ class RowAccumulator:
 
     def add(self, start: Sequence[int], output: np.ndarray, weight: np.ndarray) -> None:
         """output (K, d, h, w) of the window at ``start``, weighted by weight (d, h, w)."""
-        first, last = start[0] // self.depth, (start[0] + weight.shape[0] - 1) // self.depth
+        pieces = _row_pieces(start, weight.shape, self.depth, self.shape[0])
+        first = pieces[0][0]
         if first < self._next:
             raise ValueError(f"window at z={start[0]}: its rows were already finished (windows must come in "
                              f"z-major order)")  # fmt: skip
         while self._next < first:
             self._finish(self._next)
-        for row in range(first, last + 1):
-            z0, z1 = row * self.depth, min((row + 1) * self.depth, self.shape[0])
-            lo, hi = max(start[0], z0), min(start[0] + weight.shape[0], z1)  # the window's part of this row
+        for row, inside, part in pieces:
             if row not in self._rows:
-                self._rows[row] = (np.zeros((self.num_classes, z1 - z0, *self.shape[1:]), np.float32),
-                                   np.zeros((z1 - z0, *self.shape[1:]), np.float32))  # fmt: skip
+                rows = _row_span(row, self.depth, self.shape[0])
+                self._rows[row] = (np.zeros((self.num_classes, rows.stop - rows.start, *self.shape[1:]), np.float32),
+                                   np.zeros((rows.stop - rows.start, *self.shape[1:]), np.float32))  # fmt: skip
             sums, weights = self._rows[row]
-            inside = (slice(lo - z0, hi - z0), *_region(start[1:], weight.shape[1:]))
-            part = slice(lo - start[0], hi - start[0])
             _add_in_place(sums, weights, inside, output[:, part], weight[part])
 
     def finish(self) -> None:
@@ -196,13 +190,13 @@ class RowAccumulator:
             self._finish(self._next)
 
     def _finish(self, row: int) -> None:
-        z0, z1 = row * self.depth, min((row + 1) * self.depth, self.shape[0])
+        rows = _row_span(row, self.depth, self.shape[0])
         sums, weights = self._rows.pop(row, (None, None))
         if sums is None:
-            raise ValueError(f"rows z={z0}:{z1} were covered by no window")
+            raise ValueError(f"rows z={rows.start}:{rows.stop} were covered by no window")
         sums /= weights  # the blend, in place
         self._next = row + 1
-        self.finished((slice(z0, z1), *(slice(0, n) for n in self.shape[1:])), sums)
+        self.finished((rows, *(slice(0, n) for n in self.shape[1:])), sums)
 
 
 def block_regions(shape: Sequence[int], block: Sequence[int]) -> Iterator[tuple[slice, ...]]:
@@ -210,6 +204,24 @@ def block_regions(shape: Sequence[int], block: Sequence[int]) -> Iterator[tuple[
     ranges = [range(0, size, step) for size, step in zip(shape, block, strict=True)]
     for start in itertools.product(*ranges):
         yield tuple(slice(s, min(s + b, size)) for s, b, size in zip(start, block, shape, strict=True))
+
+
+def _row_span(row: int, depth: int, volume_depth: int) -> slice:
+    """The z slices of chunk row ``row`` (rows of ``depth`` slices; the last one clipped to the volume)."""
+    return slice(row * depth, min((row + 1) * depth, volume_depth))
+
+
+def _row_pieces(start: Sequence[int], size: Sequence[int], depth: int,
+                volume_depth: int) -> list[tuple[int, tuple[slice, ...], slice]]:  # fmt: skip
+    """The parts of the window at ``start`` (z, y, x) of ``size`` in each chunk row it covers: (row, the
+    region inside that row, the window's z slices that fall there)."""
+    pieces = []
+    for row in range(start[0] // depth, (start[0] + size[0] - 1) // depth + 1):
+        rows = _row_span(row, depth, volume_depth)
+        lo, hi = max(start[0], rows.start), min(start[0] + size[0], rows.stop)
+        inside = (slice(lo - rows.start, hi - rows.start), *_region(start[1:], size[1:]))
+        pieces.append((row, inside, slice(lo - start[0], hi - start[0])))
+    return pieces
 
 
 def _add_in_place(sums: np.ndarray, weights: np.ndarray, region, output, weight) -> None:

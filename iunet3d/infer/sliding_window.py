@@ -112,9 +112,12 @@ class SlidingWindowPredictor:
         network = inference_network(self.network, self.channels_last)
         reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="iunet3d-windows") if self.read_ahead else None
         pending = None
-        frozen = None  #: (input shape, frozen network or None where tracing failed)
         try:
             with matrices_computed_once(network):
+                frozen = None  # traced at the first batch's shape, which every batch but maybe the last has
+                if batches and self._freezes(len(batches)):
+                    example = torch.zeros(len(batches[0]), 1, *self.patch_size, device=self.device)
+                    frozen = frozen_for_inference(network, example)
                 source = _SlabWindows(image, shape, self.patch_size, normalize) if self.read_slabs else None
                 read = functools.partial(self._read_batch, image, shape, normalize, source)
                 pending = reader.submit(read, batches[0]) if batches and reader is not None else None
@@ -124,11 +127,8 @@ class SlidingWindowPredictor:
                     else:
                         windows = pending.result()  # re-raises the reader's error as it was raised
                         pending = reader.submit(read, batches[index + 1]) if index + 1 < len(batches) else None
-                    windows = torch.from_numpy(windows)[:, None]
-                    if frozen is None and self._freezes(len(batches)):
-                        frozen = (windows.shape, frozen_for_inference(network, windows))
-                    use_frozen = frozen is not None and frozen[1] is not None and frozen[0] == windows.shape
-                    outputs = self._run(frozen[1] if use_frozen else network, windows)
+                    use_frozen = frozen is not None and len(batch) == len(batches[0])
+                    outputs = self._run(frozen if use_frozen else network, torch.from_numpy(windows)[:, None])
                     for start, output in zip(batch, outputs, strict=True):
                         crop = _inside(start, self.patch_size, shape)
                         accumulator.add(start, output[(slice(None), *crop)], self.importance[crop])
@@ -261,7 +261,9 @@ def write_labels(accumulator, labels, probabilities=None) -> None:
     time into one uint8 buffer, so the blend and argmax temporaries stay small whatever the block."""
     for region in block_regions(accumulator.shape, accumulator.block):
         if probabilities is not None:
-            write_block(labels, probabilities, region, accumulator.blended(region))
+            blended = accumulator.blended(region)
+            labels[region] = blended.argmax(axis=0).astype(np.uint8)
+            probabilities[(slice(None), *region)] = softmax(blended)
             continue
         z0, z1 = region[0].start, region[0].stop
         plane = (region[1].stop - region[1].start) * (region[2].stop - region[2].start)
@@ -271,14 +273,6 @@ def write_labels(accumulator, labels, probabilities=None) -> None:
             part = (slice(z, min(z + step, z1)), *region[1:])
             block[z - z0 : part[0].stop - z0] = accumulator.blended(part).argmax(axis=0)
         labels[region] = block
-
-
-def write_block(labels, probabilities, region: tuple[slice, ...], blended: np.ndarray) -> None:
-    """``labels[region]`` = argmax of ``blended`` (K, *region shape) and, if ``probabilities`` is given,
-    ``probabilities[:, region]`` = its softmax."""
-    labels[region] = blended.argmax(axis=0).astype(np.uint8)
-    if probabilities is not None:
-        probabilities[(slice(None), *region)] = softmax(blended)
 
 
 class RowLabelWriter:

@@ -168,7 +168,6 @@ def predict_volume(
     """
     shape = tuple(image.shape)
     num_classes = len(model.class_names)
-
     labels = np.zeros(shape, np.uint8) if out is None else out
     for name, array, expected in (("out", labels, shape), ("probabilities", probabilities, (num_classes, *shape))):
         if array is not None and tuple(array.shape) != expected:
@@ -217,12 +216,9 @@ def predict_volume(
     return labels
 
 
-ACCUMULATOR_KINDS = ("memory", "rows", "zarr rows", "zarr chunks")
-
-
 def accumulator_kind(plan: MemoryPlan, num_classes: int, grid: Sequence[int], patch: Sequence[int],
                      max_memory: int | None) -> str:  # fmt: skip
-    """How ``predict_volume`` blends under ``plan`` (one of ``ACCUMULATOR_KINDS``). Natively (no
+    """How ``predict_volume`` blends under ``plan``: "rows", "memory", "zarr rows" or "zarr chunks". Natively (no
     ``plan.target_shape``): "rows" (``RowAccumulator``: only the chunk rows one window covers are held, each
     row's labels written as soon as the windows have moved past it, nothing on disk) whenever those rows
     fit: always when the plan fits in memory (the rows hold less than the whole accumulator it counts),
