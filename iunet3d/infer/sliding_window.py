@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from iunet3d.data.case_writer import IMAGE_FILL_HU
+from iunet3d.host_memory import freed_memory_kept
 from iunet3d.infer.accumulator import block_regions
 from iunet3d.infer.windows import gaussian_importance, window_grid
 from iunet3d.models.orthogonal import matrices_computed_once
@@ -95,7 +96,9 @@ class SlidingWindowPredictor:
         next batch (B, *patch) while the network runs on the current one; an error it raises (e.g. a
         corrupted chunk of ``image``) reaches the caller unchanged. Under ``torch.inference_mode`` the
         network's learned orthogonal matrices are computed once per prediction instead of once per forward
-        (``matrices_computed_once``): the same values, so the same outputs.
+        (``matrices_computed_once``): the same values, so the same outputs. The C allocator keeps freed
+        memory during the loop (``freed_memory_kept``), so that each batch's activations and outputs reuse
+        pages already mapped, and hands it back at the end.
         """
         shape = tuple(image.shape)
         if tuple(accumulator.shape) != shape:
@@ -113,7 +116,7 @@ class SlidingWindowPredictor:
         reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="iunet3d-windows") if self.read_ahead else None
         pending = None
         try:
-            with matrices_computed_once(network):
+            with matrices_computed_once(network), freed_memory_kept():
                 frozen = None  # traced at the first batch's shape, which every batch but maybe the last has
                 if batches and self._freezes(len(batches)):
                     example = torch.zeros(len(batches[0]), 1, *self.patch_size, device=self.device)

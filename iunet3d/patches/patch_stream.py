@@ -18,11 +18,8 @@ region is first interpolated onto the target grid together with the affine augme
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import replace
-from functools import cache
 from pathlib import Path
 
 import numpy as np
@@ -34,6 +31,7 @@ from iunet3d.data.dataset import CTCase, CTDataset, open_dataset
 from iunet3d.data.errors import DataError
 from iunet3d.data.normalization import CTNormalization
 from iunet3d.data.resampling import check_interpolation, dataset_target_spacing
+from iunet3d.host_memory import release_free_memory
 from iunet3d.patches.augmentation import AugmentationConfig, augmentation_margin
 from iunet3d.patches.patch_resampling import (
     IMAGE_INTERPOLATIONS,
@@ -46,28 +44,6 @@ from iunet3d.patches.sampling import PatchSampler, check_rank, seeded_rng
 
 DEFAULT_AUGMENTATION = AugmentationConfig()
 AUGMENTATION_SEED_STREAM = 1  # separates the augmentation's random numbers from the sampler's draws
-
-
-@cache
-def _malloc_trim():
-    """glibc's ``malloc_trim`` (None elsewhere, e.g. musl or macOS)."""
-    try:
-        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
-    except (OSError, AttributeError):
-        return None
-
-
-def release_free_memory() -> None:
-    """Hand memory that malloc keeps after freeing patch-sized buffers back to the OS.
-
-    A worker allocates and frees regions of several MB per patch; glibc then raises its mmap threshold and
-    keeps the freed blocks in fragmented arenas, and a worker's RSS grows by ~280 MB over a few hundred
-    64x128x128 patches (measured). Trimming every 4 patches keeps it near its import size (~380 MB) but
-    costs ~15 % of throughput, as the returned pages fault in again: off by default.
-    """
-    trim = _malloc_trim()
-    if trim is not None:
-        trim(0)
 
 
 def check_labelled(dataset: CTDataset, cases: Sequence[str]) -> None:
@@ -224,7 +200,10 @@ class PatchStream(IterableDataset):
             the worker-count-independent order).
         num_patches: stop after this many positions of this rank (default: endless).
         trim_every: in a DataLoader worker, return freed memory to the OS after every this many patches
-            (glibc only; 0: never, the default). Trades throughput for memory: ``release_free_memory``.
+            (glibc only; 0: never, the default). A worker allocates and frees regions of several MB per
+            patch, which glibc keeps in fragmented arenas: its RSS grew by ~280 MB over a few hundred
+            64x128x128 patches (measured); trimming every 4 patches kept it near its import size (~380 MB)
+            but cost ~15% of throughput, as the returned pages fault in again.
         target_spacing: ``"native"`` (the cases' own voxels), ``"auto"`` (from the dataset's spacings:
             ``data.resampling.auto_target_spacing``; native when every case has it) or (z, y, x) mm: patches
             are then ``patch_size`` voxels at that spacing, resampled from each case on the fly.
