@@ -101,7 +101,15 @@ def measure(args: argparse.Namespace) -> dict:
     from pathlib import Path
 
     from iunet3d.bench.memory import _reset_peak_rss, _rss_mb
-    from iunet3d.bench.predict import _Corner, build_model, cpu_seconds, create_labels, parse_size, size_dir
+    from iunet3d.bench.predict import (
+        _Corner,
+        build_model,
+        cpu_seconds,
+        create_labels,
+        minor_faults,
+        parse_size,
+        size_dir,
+    )
     from iunet3d.data.storage import open_volume_array
     from iunet3d.infer.windows import window_grid
 
@@ -120,13 +128,14 @@ def measure(args: argparse.Namespace) -> dict:
     gc.collect()
     baseline = _rss_mb("VmRSS")
     _reset_peak_rss()
-    begin, cpu_begin = time.perf_counter(), cpu_seconds()
+    begin, cpu_begin, faults_begin = time.perf_counter(), cpu_seconds(), minor_faults()
     monai_predict(model, image, out, args)
-    seconds, cpu_s = time.perf_counter() - begin, cpu_seconds() - cpu_begin
+    seconds, cpu_s, faults = time.perf_counter() - begin, cpu_seconds() - cpu_begin, minor_faults() - faults_begin
     peak = _rss_mb("VmHWM")
     labels = np.asarray(out[...])
     report = {
-        "seconds": seconds, "cpu_s": cpu_s, "baseline_rss_mb": baseline, "peak_rss_mb": peak, "streamed": False,
+        "seconds": seconds, "cpu_s": cpu_s, "minor_faults": faults, "baseline_rss_mb": baseline, "peak_rss_mb": peak,
+        "streamed": False,
         "warmup_s": warmup_s, "warmup_streamed": False,
         "labels_sha256": hashlib.sha256(labels.tobytes()).hexdigest(),
         "label_counts": np.bincount(labels.ravel(), minlength=args.classes).tolist(),

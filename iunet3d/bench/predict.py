@@ -98,6 +98,7 @@ class RunResult:
     label_counts: list[int]  #: voxels per class
     accumulator: str = "memory"  #: accumulator_kind: memory, rows, zarr rows or zarr chunks
     cpu_s: float = 0.0  #: user + system CPU seconds of the call (all threads; not the machine's other tenants)
+    minor_faults: int = 0  #: minor page faults of the call (pages mapped afresh, e.g. freed memory reused)
     zarr_used: bool = False  #: predict_volume created a Zarr accumulator under the scratch directory
     agreement: dict | None = None  #: monai mode: windows and probabilities compared with ours (monai_predict)
 
@@ -203,16 +204,26 @@ def cpu_seconds() -> float:
     return times.user + times.system
 
 
-def _predict(model, image, out, args: argparse.Namespace, mode: str, scratch: Path) -> tuple[float, bool, float]:
-    """(seconds of one predict_volume call, whether it streamed through ``scratch``, its CPU seconds)."""
+def minor_faults() -> int:
+    """Minor page faults of this process so far: each maps a page afresh (zeroed), e.g. when freed memory that
+    the C allocator had handed back to the OS is used again."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
+def _predict(model, image, out, args: argparse.Namespace, mode: str, scratch: Path) -> tuple[float, bool, float, int]:
+    """(seconds of one predict_volume call, whether it streamed through ``scratch``, its CPU seconds, its
+    minor page faults)."""
     from iunet3d.infer.trained_model import predict_volume
 
     max_memory = None if mode == "memory" else int(args.max_memory * MB)
     os.utime(scratch, ns=(0, 0))  # the temporary accumulator's directory, created and removed there, moves it
-    begin, cpu_begin = time.perf_counter(), cpu_seconds()
+    begin, cpu_begin, faults_begin = time.perf_counter(), cpu_seconds(), minor_faults()
     predict_volume(model, image, overlap=args.overlap, mirror=False, batch_size=args.batch_size,
                    max_memory=max_memory, scratch=scratch, device="cpu", progress=False, out=out)  # fmt: skip
-    return time.perf_counter() - begin, scratch.stat().st_mtime_ns != 0, cpu_seconds() - cpu_begin
+    seconds, cpu_s, faults = time.perf_counter() - begin, cpu_seconds() - cpu_begin, minor_faults() - faults_begin
+    return seconds, scratch.stat().st_mtime_ns != 0, cpu_s, faults
 
 
 def _accumulator(shape, out, args: argparse.Namespace, mode: str) -> str:
@@ -246,11 +257,11 @@ def measure(args: argparse.Namespace) -> dict:
     corner = tuple(min(n, p + p // 2) for n, p in zip(shape, args.patch, strict=True))
     warmup_out = create_labels(where / f"warmup-{args.mode}.zarr", corner)
     out = create_labels(where / f"labels-{args.mode}.zarr", shape)
-    warmup_s, _, _ = _predict(model, _Corner(image, corner), warmup_out, args, args.mode, scratch)
+    warmup_s, _, _, _ = _predict(model, _Corner(image, corner), warmup_out, args, args.mode, scratch)
     gc.collect()
     baseline = _rss_mb("VmRSS")
     _reset_peak_rss()
-    seconds, zarr_used, cpu_s = _predict(model, image, out, args, args.mode, scratch)
+    seconds, zarr_used, cpu_s, faults = _predict(model, image, out, args, args.mode, scratch)
     peak = _rss_mb("VmHWM")
     labels = np.asarray(out[...])
     accumulator = _accumulator(shape, out, args, args.mode)
@@ -258,7 +269,7 @@ def measure(args: argparse.Namespace) -> dict:
         raise RuntimeError(f"predict_volume {'did' if zarr_used else 'did not'} use a Zarr accumulator, "
                            f"but accumulator_kind says {accumulator!r}")  # fmt: skip
     return {
-        "accumulator": accumulator, "zarr_used": zarr_used, "cpu_s": cpu_s,
+        "accumulator": accumulator, "zarr_used": zarr_used, "cpu_s": cpu_s, "minor_faults": faults,
         "seconds": seconds, "baseline_rss_mb": baseline, "peak_rss_mb": peak, "streamed": zarr_used,
         "warmup_s": warmup_s, "warmup_streamed": _accumulator(corner, warmup_out, args, args.mode).startswith("zarr"),
         "labels_sha256": hashlib.sha256(labels.tobytes()).hexdigest(),
@@ -313,13 +324,13 @@ def run_worker(args: argparse.Namespace, directory: Path, shape, mode: str, repe
         warmup_s=round(report["warmup_s"], 3), warmup_streamed=report["warmup_streamed"],
         labels_sha256=report["labels_sha256"], label_counts=report["label_counts"],
         accumulator=report.get("accumulator", "memory"), zarr_used=report.get("zarr_used", False),
-        cpu_s=round(report.get("cpu_s", 0.0), 3),
+        cpu_s=round(report.get("cpu_s", 0.0), 3), minor_faults=int(report.get("minor_faults", 0)),
         agreement={key: value for key, value in report.items() if key not in _MEASURED} if mode == MONAI_MODE else None,
     )  # fmt: skip
 
 
-_MEASURED = ("accumulator", "zarr_used", "cpu_s", "seconds", "baseline_rss_mb", "peak_rss_mb", "streamed", "warmup_s",
-             "warmup_streamed", "labels_sha256", "label_counts")  # fmt: skip
+_MEASURED = ("accumulator", "zarr_used", "cpu_s", "minor_faults", "seconds", "baseline_rss_mb", "peak_rss_mb",
+             "streamed", "warmup_s", "warmup_streamed", "labels_sha256", "label_counts")  # fmt: skip
 
 
 def differing_fraction(directory: Path, shape, other: str = "streaming") -> float:
@@ -346,6 +357,7 @@ def summarise(args: argparse.Namespace, directory: Path, shape, runs: list[RunRe
         entry[mode] = {
             "seconds": round(statistics.median(r.seconds for r in mine), 4),
             "cpu_s": round(statistics.median(r.cpu_s for r in mine), 3),
+            "minor_faults": int(statistics.median(r.minor_faults for r in mine)),
             "voxels_per_s": round(statistics.median(r.voxels_per_s for r in mine), 1),
             "peak_growth_mb": round(statistics.median(r.peak_growth_mb for r in mine), 2),
             "peak_rss_mb": round(statistics.median(r.peak_rss_mb for r in mine), 2),
@@ -383,6 +395,8 @@ def json_line(entry: dict) -> str:
         line |= {"seconds_monai": entry[MONAI_MODE]["seconds"], "peak_mb_monai": entry[MONAI_MODE]["peak_growth_mb"],
                  "cpu_s_ours": entry["memory"]["cpu_s"], "cpu_s_monai": entry[MONAI_MODE]["cpu_s"],
                  "ours_vs_monai_cpu": entry["ours_vs_monai_cpu"],
+                 "minor_faults_ours": entry["memory"]["minor_faults"],
+                 "minor_faults_monai": entry[MONAI_MODE]["minor_faults"],
                  "ours_vs_monai": entry["ours_vs_monai"], "streamed_vs_memory": entry["streamed_vs_memory"],
                  "monai_labels_differ": entry["monai_labels_differ"], **entry["agreement"]}  # fmt: skip
     return json.dumps(line)
@@ -500,7 +514,8 @@ def run(args: argparse.Namespace) -> int:
                     mine.append(result)
                     note = f" ({result.accumulator})"
                     print(f"  measured {size_name(shape):>12} {mode:<9} {result.seconds:7.2f} s "
-                          f"{result.voxels_per_s / 1e6:6.3f} Mvox/s peak +{result.peak_growth_mb:6.1f} MB{note}",
+                          f"{result.voxels_per_s / 1e6:6.3f} Mvox/s peak +{result.peak_growth_mb:6.1f} MB, "
+                          f"{result.cpu_s:6.1f} CPU s, {result.minor_faults} minor faults{note}",
                           file=sys.stderr, flush=True)  # fmt: skip
             runs += mine
             summary.append(summarise(args, directory, shape, mine))
