@@ -16,13 +16,11 @@ from functools import cache
 
 M_TRIM_THRESHOLD = -1  #: mallopt parameter numbers (glibc's malloc.h)
 M_MMAP_THRESHOLD = -3
-#: while memory is kept, blocks up to this size come from the heap and are reused; larger ones are still
-#: mapped afresh and handed back on free (glibc allows up to 32 MB). Measured on a 96x256x256 prediction (2
-#: CPU cores, batches of two 16x64x64 windows): 8 MB: 0.29-0.50 million minor faults; 16 MB: 0.11 million,
-#: peak +174-181 MB; 32 MB: 0.09 million, peak +197-205 MB (more freed memory held between uses).
-KEPT_MMAP_THRESHOLD = 16 * 2**20
-KEPT_TRIM_THRESHOLD = 2**31 - 1  #: while memory is kept: trim only a free top above 2 GB (mallopt takes an int)
-AFTER_TRIM_THRESHOLD = 2 * KEPT_MMAP_THRESHOLD  #: afterwards: glibc's own rule for that mmap threshold
+#: the largest blocks kept by default; glibc allows up to 32 MB. Measured on a 96x256x256 prediction (2 CPU
+#: cores, batches of two 16x64x64 windows, 8 MB activations): 8 MB: 0.29-0.50 million minor faults; 16 MB:
+#: 0.11-0.15 million, peak +174-181 MB; 32 MB: 0.09 million, peak +197-205 MB (more freed memory held).
+KEPT_BLOCK_BYTES = 16 * 2**20
+MIN_KEPT_BLOCK_BYTES = 4 * 2**20  #: below this nothing is kept: glibc's own adjustment stays on
 
 
 @cache
@@ -48,23 +46,24 @@ def release_free_memory() -> None:
 
 
 @contextlib.contextmanager
-def freed_memory_kept() -> Iterator[None]:
-    """Inside: freed memory stays in the process, so a loop that frees and reallocates buffers of several
-    MB (a network's activations, window by window) reuses pages already mapped instead of faulting in zeroed
-    ones each time. Measured on 2 CPU cores, 539 windows of a 96x256x256 volume: about 0.1 million minor
-    page faults instead of 0.7 to 2.8 million (up to 10,000 per forward pass, pages glibc had handed back),
-    and 10-25% less time. Blocks above ``KEPT_MMAP_THRESHOLD`` are still mapped per use. On exit the kept
-    memory is handed back (``malloc_trim``); the thresholds stay fixed (mmap 16 MB, trim 32 MB, as glibc's
-    own rule would set them), since setting either turns glibc's adjustment off for the process."""
+def freed_memory_kept(largest_block: int = KEPT_BLOCK_BYTES) -> Iterator[None]:
+    """Inside: freed blocks up to ``largest_block`` bytes stay in the process, so a loop that frees and
+    reallocates buffers of several MB (a network's activations, window by window) reuses pages already
+    mapped instead of faulting in zeroed ones each time; larger blocks are still mapped per use, and a free
+    heap top above twice ``largest_block`` is still handed back (glibc's own rule for that threshold), which
+    bounds what is kept. Measured on 2 CPU cores, 539 windows of a 96x256x256 volume: 0.1-0.15 million
+    minor page faults instead of 0.7 to 2.8 million (up to 10,000 per forward pass), and 10-25% less time.
+    On exit the kept memory is handed back (``malloc_trim``); the thresholds stay fixed where they were
+    set, since setting either turns glibc's adjustment off for the process. Below
+    ``MIN_KEPT_BLOCK_BYTES`` the allocator is left as it is."""
     functions = _libc()
-    if functions is None:
+    if functions is None or largest_block < MIN_KEPT_BLOCK_BYTES:
         yield
         return
     mallopt, _ = functions
-    mallopt(M_MMAP_THRESHOLD, KEPT_MMAP_THRESHOLD)
-    mallopt(M_TRIM_THRESHOLD, KEPT_TRIM_THRESHOLD)
+    mallopt(M_MMAP_THRESHOLD, min(largest_block, KEPT_BLOCK_BYTES * 2))
+    mallopt(M_TRIM_THRESHOLD, 2 * min(largest_block, KEPT_BLOCK_BYTES * 2))
     try:
         yield
     finally:
-        mallopt(M_TRIM_THRESHOLD, AFTER_TRIM_THRESHOLD)
         release_free_memory()

@@ -220,8 +220,10 @@ def _predict(model, image, out, args: argparse.Namespace, mode: str, scratch: Pa
     max_memory = None if mode == "memory" else int(args.max_memory * MB)
     os.utime(scratch, ns=(0, 0))  # the temporary accumulator's directory, created and removed there, moves it
     begin, cpu_begin, faults_begin = time.perf_counter(), cpu_seconds(), minor_faults()
+    # keep_freed_memory as ``iunet3d predict`` runs it
     predict_volume(model, image, overlap=args.overlap, mirror=False, batch_size=args.batch_size,
-                   max_memory=max_memory, scratch=scratch, device="cpu", progress=False, out=out)  # fmt: skip
+                   max_memory=max_memory, scratch=scratch, device="cpu", progress=False, out=out,
+                   keep_freed_memory=True)  # fmt: skip
     seconds, cpu_s, faults = time.perf_counter() - begin, cpu_seconds() - cpu_begin, minor_faults() - faults_begin
     return seconds, scratch.stat().st_mtime_ns != 0, cpu_s, faults
 

@@ -19,6 +19,7 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
+import torch
 import zarr
 
 
@@ -157,13 +158,18 @@ class RowAccumulator:
     to ``finished(region, blended (K, d, H, W))`` as soon as a window starts below it, then freed;
     ``finish`` hands over the rows left. Nothing is written to disk and at most the rows one window covers
     are held (``slab_cache_bytes``), whatever the volume's depth. A window that reaches a row already
-    handed over is refused (ValueError): it would be lost."""
+    handed over is refused (ValueError): it would be lost.
+
+    Without ``device`` the rows are numpy arrays and ``add`` takes numpy arrays; with a torch ``device``
+    they are tensors there, ``add`` takes tensors on it and ``finished`` gets the blended tensor: on an
+    accelerator the outputs are weighted, summed and blended without leaving it."""
 
     def __init__(self, num_classes: int, shape: Sequence[int], depth: int,
-                 finished: Callable[[tuple[slice, ...], np.ndarray], None]):  # fmt: skip
+                 finished: Callable[[tuple[slice, ...], np.ndarray], None], device=None):  # fmt: skip
         if depth < 1:
             raise ValueError(f"depth: expected a positive number of z slices per row, got {depth}")
         self.num_classes, self.shape, self.depth, self.finished = num_classes, tuple(shape), depth, finished
+        self.device = None if device is None else torch.device(device)
         self._rows: dict[int, tuple[np.ndarray, np.ndarray]] = {}  #: row -> (sums, weights) held
         self._next = 0  #: rows before this one have been handed over
 
@@ -179,10 +185,15 @@ class RowAccumulator:
         for row, inside, part in pieces:
             if row not in self._rows:
                 rows = _row_span(row, self.depth, self.shape[0])
-                self._rows[row] = (np.zeros((self.num_classes, rows.stop - rows.start, *self.shape[1:]), np.float32),
-                                   np.zeros((rows.stop - rows.start, *self.shape[1:]), np.float32))  # fmt: skip
+                plane = (rows.stop - rows.start, *self.shape[1:])
+                self._rows[row] = (self._zeros((self.num_classes, *plane)), self._zeros(plane))
             sums, weights = self._rows[row]
             _add_in_place(sums, weights, inside, output[:, part], weight[part])
+
+    def _zeros(self, shape: tuple[int, ...]):
+        if self.device is None:
+            return np.zeros(shape, np.float32)
+        return torch.zeros(shape, dtype=torch.float32, device=self.device)
 
     def finish(self) -> None:
         """Hand over every row not yet handed over, in z order."""

@@ -148,7 +148,7 @@ def _predict_case(args, model: TrainedModel, job: _CaseJob, max_memory: int, dis
         predict_volume(model, image, overlap=args.overlap, mirror=args.mirror, batch_size=args.batch_size,
                        plan=plan, scratch=_scratch(job.out), device=distributed.device, autocast_dtype=autocast,
                        progress=not args.no_progress, out=labels, probabilities=probabilities,
-                       spacing=case.spacing)  # fmt: skip
+                       spacing=case.spacing, keep_freed_memory=True)  # fmt: skip
 
     write = write_prediction_in_place if job.in_place else write_prediction_case
     record = prediction_record(job.source, case.name)

@@ -139,6 +139,7 @@ def predict_volume(
     stream: bool | None = None,
     plan: MemoryPlan | None = None,
     spacing: Sequence[float] | None = None,
+    keep_freed_memory: bool = False,
 ):
     """Labels uint8 (D, H, W) of the HU volume ``image`` (D, H, W; numpy or Zarr), written into ``out``
     (e.g. a Zarr array, so not even the labels need to fit in memory) or a new numpy array, returned;
@@ -156,12 +157,16 @@ def predict_volume(
     covers the buffers of prediction, not the network's own activations (``plan_memory``); a limit too
     small even for streaming fails naming its minimum. ``stream`` True or False forces either way. A
     ``plan`` made by the caller (e.g. to print it, with the same ``target_shape``) is used as it is.
+    ``keep_freed_memory``: see ``SlidingWindowPredictor`` (for a caller that owns its process).
 
     Streamed, when the chunk rows along z that one window covers (``slab_cache_bytes``, which grow with the
     y-x plane, not the depth) fit in ``max_memory`` on top of the plan, only those rows are held: natively
     each row is blended and its labels written as soon as the windows have moved past it
-    (``RowAccumulator``, nothing on disk); on a resampled grid the rows go to the Zarr accumulator once
-    each (``ZarrAccumulator(slabs=True)``), since finalising a block interpolates across rows. Otherwise
+    (``RowAccumulator``, nothing on disk; on an accelerator the rows are held, blended and argmaxed there and
+    only labels reach the host; on the CPU in numpy, which weighted, summed and argmaxed a 96x256x256
+    volume's rows in 0.6 s against 1.8 s for torch on 2 cores); on a resampled grid the rows go to the Zarr
+    accumulator once each (``ZarrAccumulator(slabs=True)``), since finalising a block interpolates across
+    rows. Otherwise
     each window reads and writes the accumulator chunks it touches. The input is read one z position of
     windows at a time (``input_slab_bytes``) when those rows fit in ``max_memory`` on top of that, else
     window by window.
@@ -190,9 +195,12 @@ def predict_volume(
     held = plan.needed_bytes + (cache if rows_held else 0)
     rows_fit = max_memory is None or held + input_slab_bytes(shape, model.patch_size) <= max_memory
     read_slabs = target_shape is None and (not plan.streamed or rows_fit)  # in memory: instead of the accumulator
+    held += input_slab_bytes(shape, model.patch_size) if read_slabs else 0
+    kept = None if max_memory is None else max(0, max_memory - held)  # freed memory kept for reuse: the rest
     predictor = SlidingWindowPredictor(model.network, model.patch_size, overlap=overlap, batch_size=batch_size,
                                        mirror=mirror, device=device, autocast_dtype=autocast_dtype,
-                                       progress=progress, read_slabs=read_slabs)  # fmt: skip
+                                       progress=progress, read_slabs=read_slabs, kept_memory=kept,
+                                       keep_freed_memory=keep_freed_memory)  # fmt: skip
 
     def finalize(accumulator) -> None:
         predictor.predict(source, accumulator, normalize)
@@ -206,7 +214,8 @@ def predict_volume(
         return labels
     if kind == "rows":  # each row of the labels written as soon as its windows are done
         writer = RowLabelWriter(labels, probabilities, (getattr(labels, "chunks", None) or plan.block)[0])
-        rows = RowAccumulator(num_classes, grid, _row_chunk(plan, model.patch_size)[0], writer)
+        on_device = torch.device(device) if torch.device(device).type != "cpu" else None  # see the docstring
+        rows = RowAccumulator(num_classes, grid, _row_chunk(plan, model.patch_size)[0], writer, device=on_device)
         predictor.predict(source, rows, normalize)
         rows.finish()
         return labels

@@ -22,6 +22,7 @@ from iunet3d.infer.accumulator import (
 from iunet3d.infer.memory_plan import plan_memory
 from iunet3d.infer.sliding_window import (
     FREEZE_MIN_FORWARDS,
+    RowLabelWriter,
     SlidingWindowPredictor,
     frozen_for_inference,
     softmax,
@@ -305,24 +306,30 @@ def test_the_slab_cache_blends_like_memory_in_any_window_order(tmp_path, order):
     assert slab_cache_bytes(2, shape, patch, (4, 8, 8)) == 4 * 3 * 12 * 19 * 23
 
 
-@pytest.mark.parametrize("depth", [4, 3, 30])
-def test_the_row_accumulator_hands_over_each_row_blended_once_in_z_order(depth):
+@pytest.mark.parametrize("depth, device", [(4, None), (3, None), (30, None), (3, "cpu")])
+def test_the_row_accumulator_hands_over_each_row_blended_once_in_z_order(depth, device):
     """Rows are handed over as soon as the windows (z-major) move past them, blended exactly as in memory,
     each once and in order, holding no more rows than one window covers; a window reaching a row already
-    handed over is refused."""
+    handed over is refused. With a ``device`` the rows are tensors there (numpy otherwise)."""
     shape, patch = (21, 19, 23), (8, 16, 16)
     rng = np.random.default_rng(5)
     memory = MemoryAccumulator(2, shape)
     handed: list[tuple[tuple[slice, ...], np.ndarray, int]] = []
-    rows = RowAccumulator(2, shape, depth, lambda region, values: handed.append((region, values.copy(), z_now)))
+
+    def take(region, values):
+        assert isinstance(values, np.ndarray if device is None else torch.Tensor)
+        handed.append((region, np.array(values), z_now))
+
+    rows = RowAccumulator(2, shape, depth, take, device=device)
+    as_given = np.asarray if device is None else torch.from_numpy
     weight = gaussian_importance(patch)
     held = 0
     for start in window_grid(shape, patch, 0.5):
         z_now = start[0]
         output = rng.normal(size=(2, *patch)).astype(np.float32)
         crop = tuple(slice(0, min(p, n - s)) for s, p, n in zip(start, patch, shape, strict=True))
-        for accumulator in (memory, rows):
-            accumulator.add(start, output[(slice(None), *crop)], weight[crop])
+        memory.add(start, output[(slice(None), *crop)], weight[crop])
+        rows.add(start, as_given(output)[(slice(None), *crop)], as_given(weight)[crop])
         held = max(held, len(rows._rows))
     z_now = None
     rows.finish()
@@ -338,6 +345,23 @@ def test_the_row_accumulator_hands_over_each_row_blended_once_in_z_order(depth):
     late.add((8, 0, 0), ones, weight)  # finishes rows 0-1 (z 0:8)
     with pytest.raises(ValueError, match="z=0: its rows were already finished"):
         late.add((0, 0, 0), ones, weight)
+
+
+def test_rows_held_as_tensors_give_the_labels_and_probabilities_of_numpy_rows(small_model, phantom):
+    """Rows on a torch device (as on an accelerator: outputs, weights, blend, softmax and argmax stay there;
+    here the CPU) give the labels and probabilities of the numpy rows."""
+    results = []
+    for device in (None, "cpu"):
+        labels, probabilities = np.zeros(phantom.shape, np.uint8), np.zeros((3, *phantom.shape), np.float32)
+        rows = RowAccumulator(3, phantom.shape, 4, RowLabelWriter(labels, probabilities, 8), device=device)
+        predictor = SlidingWindowPredictor(small_model.network, PATCH, batch_size=3)
+        predictor.predict(phantom, rows, small_model.normalization)
+        rows.finish()
+        results.append((labels, probabilities))
+    (labels, probabilities), (device_labels, device_probabilities) = results
+    assert len(np.unique(labels)) > 1 and probabilities.min() >= 0 and probabilities.sum(0).min() > 0.99
+    np.testing.assert_array_equal(device_labels, labels)
+    np.testing.assert_allclose(device_probabilities, probabilities, rtol=1e-5, atol=1e-6)
 
 
 def test_a_corrupted_chunk_read_by_the_reader_thread_fails_as_reading_it_directly(small_model, tmp_path):
