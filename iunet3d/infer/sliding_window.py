@@ -59,8 +59,9 @@ class SlidingWindowPredictor:
     batch's input (at most 16 MB; ``freed_memory_kept``) during the loop: a batch's activations, reused by
     the next. On 2 CPU cores that made a 96x256x256 prediction 10-25% faster. It sets the allocator's
     thresholds for the rest of the process, so only a caller that owns its process asks for it (the
-    ``iunet3d predict`` command does; validation inside training does not). ``kept_memory`` (bytes; a caller
-    under a memory limit: what its buffers leave of it) caps those blocks at half of it; None: no cap.
+    ``iunet3d predict`` command does; validation inside training does not). What is kept is the memory of
+    the network's activations, which a memory limit does not cover (``plan_memory``): capping it by the
+    limit's headroom (80 MB for a 96x256x256 volume) let glibc hand it back again (1.8 million faults).
     """
 
     def __init__(
@@ -79,7 +80,6 @@ class SlidingWindowPredictor:
         channels_last: bool = True,
         read_slabs: bool = True,
         freeze: bool | None = None,
-        kept_memory: int | None = None,
         keep_freed_memory: bool = False,
     ):
         if batch_size < 1:
@@ -98,10 +98,7 @@ class SlidingWindowPredictor:
         #: the largest freed blocks the loop keeps for reuse (``freed_memory_kept``): a batch's activations;
         #: 0 without ``keep_freed_memory``
         batch_input = 4 * batch_size * math.prod(self.patch_size)
-        self.kept_block_bytes = min(KEPT_BLOCK_BYTES, ACTIVATIONS_PER_INPUT * batch_input)
-        if kept_memory is not None:
-            self.kept_block_bytes = min(self.kept_block_bytes, kept_memory // 2)
-        self.kept_block_bytes = self.kept_block_bytes if keep_freed_memory else 0
+        self.kept_block_bytes = min(KEPT_BLOCK_BYTES, ACTIVATIONS_PER_INPUT * batch_input) if keep_freed_memory else 0
 
     def predict(self, image, accumulator, normalize: Callable[[np.ndarray], np.ndarray] | None = None):
         """Blend the network's output over ``image`` (D, H, W; numpy or Zarr, read window by window) into

@@ -195,11 +195,9 @@ def predict_volume(
     held = plan.needed_bytes + (cache if rows_held else 0)
     rows_fit = max_memory is None or held + input_slab_bytes(shape, model.patch_size) <= max_memory
     read_slabs = target_shape is None and (not plan.streamed or rows_fit)  # in memory: instead of the accumulator
-    held += input_slab_bytes(shape, model.patch_size) if read_slabs else 0
-    kept = None if max_memory is None else max(0, max_memory - held)  # freed memory kept for reuse: the rest
     predictor = SlidingWindowPredictor(model.network, model.patch_size, overlap=overlap, batch_size=batch_size,
                                        mirror=mirror, device=device, autocast_dtype=autocast_dtype,
-                                       progress=progress, read_slabs=read_slabs, kept_memory=kept,
+                                       progress=progress, read_slabs=read_slabs,
                                        keep_freed_memory=keep_freed_memory)  # fmt: skip
 
     def finalize(accumulator) -> None:

@@ -398,3 +398,16 @@ def test_a_corrupted_chunk_read_by_the_reader_thread_fails_as_reading_it_directl
     assert type(raised.value) is DataError and str(raised.value) == expected
     assert "case broken: reading its image" in expected and "the store may be corrupted" in expected
     assert not [t for t in threading.enumerate() if t.name.startswith("iunet3d-windows")]  # the reader has ended
+
+
+def test_freed_memory_is_kept_only_when_asked_and_for_activation_sized_blocks():
+    """Keeping freed memory sets the process's allocator thresholds, so only a caller that owns its process
+    asks (``iunet3d predict``); the blocks kept scale with the batch (at most KEPT_BLOCK_BYTES)."""
+    from iunet3d.host_memory import KEPT_BLOCK_BYTES
+    from iunet3d.infer.sliding_window import ACTIVATIONS_PER_INPUT
+
+    assert SlidingWindowPredictor(ScaledCopies(), (16, 64, 64)).kept_block_bytes == 0
+    small = SlidingWindowPredictor(ScaledCopies(), (8, 16, 16), batch_size=2, keep_freed_memory=True)
+    assert small.kept_block_bytes == ACTIVATIONS_PER_INPUT * 4 * 2 * 8 * 16 * 16
+    large = SlidingWindowPredictor(ScaledCopies(), (64, 128, 128), batch_size=2, keep_freed_memory=True)
+    assert large.kept_block_bytes == KEPT_BLOCK_BYTES
