@@ -70,9 +70,10 @@ def test_data_tools_import_neither_torch_nor_the_model():
 
 
 #: The layers of the package, lowest first: a folder imports only from folders of a lower layer (and from
-#: itself). The top-level modules iunet3d/__init__.py and layers.py re-export the model.
+#: itself). The top-level modules iunet3d/__init__.py and layers.py re-export the model; host_memory (the C
+#: allocator's handling of freed memory) imports nothing of the package.
 LAYERS = [
-    {"models", "data", "distributed", "tracking"},
+    {"models", "data", "distributed", "tracking", "host_memory"},
     {"patches", "infer"},
     {"train"},
     {"plan"},
@@ -110,7 +111,8 @@ def test_import_graph_follows_the_layer_order():
               and not (source in {"__init__", "layers"} and target == "models")]  # fmt: skip
     assert upward == [], f"imports that run up or sideways across the layers: {upward}"
     assert graph["data"] == set() and graph["models"] == set() and graph["distributed"] == set()
-    assert graph["patches"] == {"data"} and graph["tracking"] == set()
+    assert graph["host_memory"] == set()
+    assert graph["patches"] == {"data", "host_memory"} and graph["tracking"] == set()
 
 
 def test_wandb_is_imported_only_by_the_tracking_package_and_lazily():
