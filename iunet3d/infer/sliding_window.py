@@ -113,8 +113,9 @@ class SlidingWindowPredictor:
         (``matrices_computed_once``): the same values, so the same outputs. An accumulator with a ``device``
         (``RowAccumulator`` holding its rows there) gets the outputs and weights as tensors on that device
         (no copy when it is the prediction device), so that on an accelerator they never leave it; any other
-        gets numpy arrays. The C allocator keeps freed memory during the loop (``freed_memory_kept``), so that
-        each batch's activations and outputs reuse pages already mapped, and hands it back at the end.
+        gets numpy arrays. With ``keep_freed_memory`` the C allocator keeps freed memory during the loop
+        (``freed_memory_kept``), so that each batch's activations reuse pages already mapped, and hands it
+        back at the end.
         """
         shape = tuple(image.shape)
         if tuple(accumulator.shape) != shape:
