@@ -20,6 +20,7 @@ M_MMAP_THRESHOLD = -3
 #: cores, batches of two 16x64x64 windows, 8 MB activations): 8 MB: 0.29-0.50 million minor faults; 16 MB:
 #: 0.11-0.15 million, peak +174-181 MB; 32 MB: 0.09 million, peak +197-205 MB (more freed memory held).
 KEPT_BLOCK_BYTES = 16 * 2**20
+MMAP_THRESHOLD_MAX = 32 * 2**20  #: glibc's ceiling for the mmap threshold on 64-bit systems
 MIN_KEPT_BLOCK_BYTES = 4 * 2**20  #: below this nothing is kept: glibc's own adjustment stays on
 
 
@@ -61,8 +62,9 @@ def freed_memory_kept(largest_block: int = KEPT_BLOCK_BYTES) -> Iterator[None]:
         yield
         return
     mallopt, _ = functions
-    mallopt(M_MMAP_THRESHOLD, min(largest_block, KEPT_BLOCK_BYTES * 2))
-    mallopt(M_TRIM_THRESHOLD, 2 * min(largest_block, KEPT_BLOCK_BYTES * 2))
+    threshold = min(largest_block, MMAP_THRESHOLD_MAX)
+    mallopt(M_MMAP_THRESHOLD, threshold)
+    mallopt(M_TRIM_THRESHOLD, 2 * threshold)
     try:
         yield
     finally:

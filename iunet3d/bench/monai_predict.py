@@ -104,9 +104,8 @@ def measure(args: argparse.Namespace) -> dict:
     from iunet3d.bench.predict import (
         _Corner,
         build_model,
-        cpu_seconds,
         create_labels,
-        minor_faults,
+        measured_call,
         parse_size,
         size_dir,
     )
@@ -128,9 +127,7 @@ def measure(args: argparse.Namespace) -> dict:
     gc.collect()
     baseline = _rss_mb("VmRSS")
     _reset_peak_rss()
-    begin, cpu_begin, faults_begin = time.perf_counter(), cpu_seconds(), minor_faults()
-    monai_predict(model, image, out, args)
-    seconds, cpu_s, faults = time.perf_counter() - begin, cpu_seconds() - cpu_begin, minor_faults() - faults_begin
+    seconds, cpu_s, faults = measured_call(lambda: monai_predict(model, image, out, args))
     peak = _rss_mb("VmHWM")
     labels = np.asarray(out[...])
     report = {

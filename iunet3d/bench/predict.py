@@ -212,6 +212,13 @@ def minor_faults() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
+def measured_call(function) -> tuple[float, float, int]:
+    """Call ``function()``; (its wall-clock seconds, its CPU seconds, its minor page faults)."""
+    begin, cpu_begin, faults_begin = time.perf_counter(), cpu_seconds(), minor_faults()
+    function()
+    return time.perf_counter() - begin, cpu_seconds() - cpu_begin, minor_faults() - faults_begin
+
+
 def _predict(model, image, out, args: argparse.Namespace, mode: str, scratch: Path) -> tuple[float, bool, float, int]:
     """(seconds of one predict_volume call, whether it streamed through ``scratch``, its CPU seconds, its
     minor page faults)."""
@@ -219,12 +226,11 @@ def _predict(model, image, out, args: argparse.Namespace, mode: str, scratch: Pa
 
     max_memory = None if mode == "memory" else int(args.max_memory * MB)
     os.utime(scratch, ns=(0, 0))  # the temporary accumulator's directory, created and removed there, moves it
-    begin, cpu_begin, faults_begin = time.perf_counter(), cpu_seconds(), minor_faults()
-    # keep_freed_memory as ``iunet3d predict`` runs it
-    predict_volume(model, image, overlap=args.overlap, mirror=False, batch_size=args.batch_size,
-                   max_memory=max_memory, scratch=scratch, device="cpu", progress=False, out=out,
-                   keep_freed_memory=True)  # fmt: skip
-    seconds, cpu_s, faults = time.perf_counter() - begin, cpu_seconds() - cpu_begin, minor_faults() - faults_begin
+    seconds, cpu_s, faults = measured_call(lambda: predict_volume(
+        model, image, overlap=args.overlap, mirror=False, batch_size=args.batch_size, max_memory=max_memory,
+        scratch=scratch, device="cpu", progress=False, out=out,
+        keep_freed_memory=True,  # as ``iunet3d predict`` runs it
+    ))  # fmt: skip
     return seconds, scratch.stat().st_mtime_ns != 0, cpu_s, faults
 
 

@@ -133,8 +133,8 @@ class SlidingWindowPredictor:
         reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="iunet3d-windows") if self.read_ahead else None
         pending = None
         accumulator_device = getattr(accumulator, "device", None)  # one that adds tensors where they are
-        device_weights = (
-            None if accumulator_device is None else torch.from_numpy(self.importance).to(accumulator_device)
+        weights = (
+            self.importance if accumulator_device is None else torch.from_numpy(self.importance).to(accumulator_device)
         )
         try:
             with matrices_computed_once(network), freed_memory_kept(self.kept_block_bytes):
@@ -156,7 +156,6 @@ class SlidingWindowPredictor:
                                         accumulator_device)  # fmt: skip
                     for start, output in zip(batch, outputs, strict=True):
                         crop = _inside(start, self.patch_size, shape)
-                        weights = self.importance if device_weights is None else device_weights
                         accumulator.add(start, output[(slice(None), *crop)], weights[crop])
                     if progress is not None:
                         progress.update()
